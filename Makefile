@@ -1,0 +1,35 @@
+# The two commands that do everything on a fresh machine:
+#   make demo   - the main job on its embedded defaults
+#   make test   - the test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt | sha1sum | cut -c1-12)
+NODE_STAMP := tests/js/node_modules/.installed
+DEMO_DIR ?= build/demo
+# Holoscan wants a 32 MB stack.
+RUN := ulimit -s 32768 2>/dev/null || true;
+
+.PHONY: demo test venv clean-demo
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $$( [ -d /opt/wheels ] && echo --find-links /opt/wheels ) -r requirements.txt
+	rm -f $(VENV)/.installed-*; touch $(STAMP)
+
+$(NODE_STAMP): tests/js/package.json tests/js/package-lock.json
+	npm ci --silent --prefix tests/js
+	touch $(NODE_STAMP)
+
+demo: venv
+	$(RUN) $(PY) -m app demo --workdir $(DEMO_DIR)
+
+test: venv $(NODE_STAMP)
+	$(RUN) $(PY) -m pytest -q tests
+
+clean-demo:
+	rm -rf $(DEMO_DIR)

@@ -1,0 +1,89 @@
+"""Command line: ``python -m app run|serve|status|demo``.
+
+``run`` follows the MAP contract: ``-i/-o/-m`` or ``HOLOSCAN_INPUT_PATH``,
+``HOLOSCAN_OUTPUT_PATH`` and ``HOLOSCAN_MODEL_PATH``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import sys
+from pathlib import Path
+
+from app.config import DEFAULT_MODEL_PATH, RESEARCH_USE_STATEMENT, ConfigError, load_config
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _ensure_stack_limit(argv: list[str]) -> None:
+    """Holoscan wants a 32 MB stack. Thread stacks are sized from the limit at process start,
+    so raise the soft limit and re-execute once when the hard limit allows it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
+    wanted = 32 * 1024 * 1024
+    if soft == resource.RLIM_INFINITY or soft >= wanted or os.environ.get("PARASPINAL_STACK_RAISED"):
+        return
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        return
+    resource.setrlimit(resource.RLIMIT_STACK, (wanted, hard))
+    os.environ["PARASPINAL_STACK_RAISED"] = "1"
+    os.execv(sys.executable, [sys.executable, "-m", "app", *argv])
+
+
+def _path_arg(value: str | None, env: str, default: str | None) -> Path | None:
+    chosen = value or os.environ.get(env) or default
+    return Path(chosen) if chosen else None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from app.application import run_batch
+    from paraspinal.model_bundle import BundleError
+
+    input_folder = _path_arg(args.input, "HOLOSCAN_INPUT_PATH", "input")
+    output_folder = _path_arg(args.output, "HOLOSCAN_OUTPUT_PATH", "output")
+    model_path = _path_arg(args.model, "HOLOSCAN_MODEL_PATH", str(DEFAULT_MODEL_PATH))
+    if not input_folder.exists():
+        print(f"error: input folder {input_folder} does not exist", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(args.config)
+        outcomes = run_batch(input_folder, output_folder, model_path, config, args.device)
+    except (ConfigError, BundleError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not outcomes:
+        print(f"error: no DICOM study found in {input_folder}", file=sys.stderr)
+        return 1
+    print(json.dumps(outcomes, indent=2))
+    print(RESEARCH_USE_STATEMENT)
+    return 0 if all(o["status"] != "failed" for o in outcomes) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m app", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-l", "--log-level", default=os.environ.get("PARASPINAL_LOG_LEVEL", "INFO"))
+    parser.add_argument("--config", help="site configuration YAML (default: $PARASPINAL_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="batch: analyse every study in a folder (MAP contract)")
+    run.add_argument("-i", "--input", help="input folder of DICOM files (default $HOLOSCAN_INPUT_PATH or ./input)")
+    run.add_argument("-o", "--output", help="output folder (default $HOLOSCAN_OUTPUT_PATH or ./output)")
+    run.add_argument("-m", "--model", help="model bundle or models folder (default $HOLOSCAN_MODEL_PATH or ./models)")
+    run.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda when available)")
+    run.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    _ensure_stack_limit(sys.argv[1:])
+    sys.exit(main())

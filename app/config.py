@@ -1,0 +1,211 @@
+"""The node's configuration: one YAML file, a site file over it, environment overrides last.
+
+Order of precedence (later wins):
+1. ``config/default.yaml`` shipped with the application,
+2. a site file passed with ``--config`` or named by ``PARASPINAL_CONFIG``,
+3. environment variables ``PARASPINAL__<SECTION>__<KEY>`` (values parsed as YAML,
+   so ``PARASPINAL__NODE__PORT=104`` is an int and ``...__ALLOWED_PEERS=[]`` a list).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_PATH = PROJECT_ROOT / "config" / "default.yaml"
+DEFAULT_MODEL_PATH = PROJECT_ROOT / "models"
+ENV_PREFIX = "PARASPINAL__"
+RESEARCH_USE_STATEMENT = (
+    "RESEARCH USE ONLY. Not a medical device; not validated for clinical use. "
+    "Results are produced automatically and must be reviewed by a qualified reader."
+)
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type."""
+
+
+@dataclass(frozen=True)
+class SelectionRules:
+    """Rules that pick the lumbar axial T2 series out of a study."""
+
+    axial_max_angle_deg: float
+    min_echo_time_ms: float
+    min_repetition_time_ms: float
+    min_slices_per_stack: int
+    excluded_image_types: tuple[str, ...]
+    excluded_body_parts: tuple[str, ...]
+    preferred_description_words: tuple[str, ...]
+    avoided_description_words: tuple[str, ...]
+    stack_orientation_tolerance_deg: float
+
+
+@dataclass(frozen=True)
+class QuantificationSettings:
+    fat_method: str
+    min_muscle_voxels: int
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    seg_series_number: int
+    sr_series_number: int
+    seg_series_description: str
+    sr_series_description: str
+    manufacturer: str
+    manufacturer_model_name: str
+    institution_name: str
+
+
+@dataclass(frozen=True)
+class PeerAddress:
+    """A DICOM application entity reachable over TCP."""
+
+    ae_title: str
+    host: str
+    port: int = 104
+
+
+@dataclass(frozen=True)
+class AllowedPeer:
+    """A calling peer allowed to associate; ``host`` empty means any address."""
+
+    ae_title: str
+    host: str = ""
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    ae_title: str
+    bind_address: str
+    port: int
+    allowed_peers: tuple[AllowedPeer, ...]
+    max_associations: int
+    acse_timeout_s: float
+    dimse_timeout_s: float
+    network_timeout_s: float
+    quiet_period_s: float
+    spool_dir: Path
+    state_db: Path
+    results_dir: Path
+    failed_dir: Path
+    workers: int
+    min_free_disk_mb: int
+    destinations: tuple[PeerAddress, ...]
+    send_retries: int
+    send_backoff_s: float
+    send_backoff_max_s: float
+
+
+@dataclass(frozen=True)
+class Config:
+    selection: SelectionRules
+    quantification: QuantificationSettings
+    output: OutputSettings
+    node: NodeSettings
+    source: tuple[str, ...] = field(default=())  # files and env keys it was built from
+
+
+def _deep_merge(base: dict, over: Mapping) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _apply_env(raw: dict, environ: Mapping[str, str]) -> tuple[dict, list[str]]:
+    used = []
+    for name, text in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX):].split("__") if part]
+        if len(path) < 2:
+            raise ConfigError(f"{name}: expected PARASPINAL__<SECTION>__<KEY>")
+        node = raw
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"{name}: unknown section {'.'.join(path[:-1])!r}")
+            node = node[part]
+        if path[-1] not in node:
+            raise ConfigError(f"{name}: unknown key {'.'.join(path)!r}")
+        node[path[-1]] = yaml.safe_load(text)
+        used.append(name)
+    return raw, used
+
+
+def _build(cls: type, section: str, values: Mapping[str, Any], base_dir: Path) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ConfigError(f"[{section}] unknown key(s): {', '.join(sorted(unknown))}")
+    missing = set(known) - set(values)
+    if missing:
+        raise ConfigError(f"[{section}] missing key(s): {', '.join(sorted(missing))}")
+    kwargs = {}
+    for name, value in values.items():
+        annotation = str(known[name].type)
+        try:
+            if annotation == "Path":
+                path = Path(str(value))
+                kwargs[name] = path if path.is_absolute() else base_dir / path
+            elif annotation.startswith("tuple[str"):
+                kwargs[name] = tuple(str(v) for v in (value or []))
+            elif annotation == "tuple[PeerAddress, ...]":
+                kwargs[name] = tuple(PeerAddress(**dict(v)) for v in (value or []))
+            elif annotation == "tuple[AllowedPeer, ...]":
+                kwargs[name] = tuple(AllowedPeer(**dict(v)) for v in (value or []))
+            elif annotation == "int":
+                kwargs[name] = int(value)
+            elif annotation == "float":
+                kwargs[name] = float(value)
+            else:
+                kwargs[name] = str(value) if value is not None else ""
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"[{section}] {name}: {exc}") from exc
+    return cls(**kwargs)
+
+
+def load_config(
+    site_file: str | os.PathLike | None = None,
+    environ: Mapping[str, str] | None = None,
+    base_dir: Path | None = None,
+) -> Config:
+    """Load the configuration.
+
+    Args:
+        site_file: optional YAML merged over the defaults (else ``$PARASPINAL_CONFIG``).
+        environ: environment to read overrides from (default ``os.environ``).
+        base_dir: directory that relative paths (spool, database) resolve against;
+            defaults to the current working directory.
+    """
+    environ = os.environ if environ is None else environ
+    raw = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    sources = [str(DEFAULT_CONFIG_PATH)]
+    site_file = site_file or environ.get("PARASPINAL_CONFIG")
+    if site_file:
+        site = yaml.safe_load(Path(site_file).read_text()) or {}
+        if not isinstance(site, dict):
+            raise ConfigError(f"{site_file}: top level must be a mapping")
+        unknown = set(site) - set(raw)
+        if unknown:
+            raise ConfigError(f"{site_file}: unknown section(s): {', '.join(sorted(unknown))}")
+        raw = _deep_merge(raw, site)
+        sources.append(str(site_file))
+    raw, used = _apply_env(raw, environ)
+    base = Path.cwd() if base_dir is None else base_dir
+    return Config(
+        selection=_build(SelectionRules, "selection", raw["selection"], base),
+        quantification=_build(QuantificationSettings, "quantification", raw["quantification"], base),
+        output=_build(OutputSettings, "output", raw["output"], base),
+        node=_build(NodeSettings, "node", raw["node"], base),
+        source=tuple(sources + used),
+    )

@@ -1,0 +1,131 @@
+"""Index a folder of DICOM files by study and series, reading headers only.
+
+Every file that cannot be used is recorded with the reason (not DICOM, truncated,
+no study UID), never silently skipped: the loader logs them and the study result lists them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FileProblem:
+    """A file in the input that could not be indexed, and why."""
+
+    path: Path
+    reason: str
+
+
+@dataclass
+class InstanceRecord:
+    path: Path
+    header: Dataset  # read with stop_before_pixels
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return str(self.header.get("SOPInstanceUID", ""))
+
+    @property
+    def sop_class_uid(self) -> str:
+        return str(self.header.get("SOPClassUID", ""))
+
+
+@dataclass
+class SeriesRecord:
+    series_uid: str
+    instances: list[InstanceRecord] = field(default_factory=list)
+
+    @property
+    def first(self) -> Dataset:
+        return self.instances[0].header
+
+    @property
+    def description(self) -> str:
+        return str(self.first.get("SeriesDescription", ""))
+
+    @property
+    def series_number(self) -> str:
+        return str(self.first.get("SeriesNumber", ""))
+
+    def label(self) -> str:
+        """Human-readable name for log lines: number, description and UID."""
+        return f"series {self.series_number or '?'} '{self.description}' ({self.series_uid})"
+
+
+@dataclass
+class StudyRecord:
+    study_uid: str
+    series: dict[str, SeriesRecord] = field(default_factory=dict)
+
+    @property
+    def first(self) -> Dataset:
+        return next(iter(self.series.values())).first
+
+    @property
+    def n_instances(self) -> int:
+        return sum(len(s.instances) for s in self.series.values())
+
+
+@dataclass
+class FolderIndex:
+    studies: dict[str, StudyRecord]
+    problems: list[FileProblem]
+
+
+def _read_header(path: Path) -> Dataset:
+    return pydicom.dcmread(path, stop_before_pixels=True)
+
+
+def index_folder(root: Path) -> FolderIndex:
+    """Read the header of every file below ``root`` and group instances by study and series.
+
+    Duplicate SOP Instance UIDs (the same instance stored twice) are kept once.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"input path {root} does not exist")
+    paths = [root] if root.is_file() else sorted(
+        Path(dirpath) / name for dirpath, _, names in os.walk(root) for name in names
+    )
+    studies: dict[str, StudyRecord] = {}
+    problems: list[FileProblem] = []
+    seen: set[str] = set()
+    for path in paths:
+        if path.name.startswith("."):
+            continue  # hidden files: partial transfers, OS metadata
+        try:
+            header = _read_header(path)
+        except InvalidDicomError:
+            problems.append(FileProblem(path, "not a DICOM file (no DICM preamble or readable meta header)"))
+            continue
+        except Exception as exc:  # truncated or corrupt files raise many different errors
+            problems.append(FileProblem(path, f"unreadable DICOM file: {type(exc).__name__}: {exc}"))
+            continue
+        study_uid = str(header.get("StudyInstanceUID", "")).strip()
+        series_uid = str(header.get("SeriesInstanceUID", "")).strip()
+        sop_uid = str(header.get("SOPInstanceUID", "")).strip()
+        if not study_uid or not series_uid or not sop_uid:
+            problems.append(FileProblem(path, "DICOM file lacks Study, Series or SOP Instance UID"))
+            continue
+        if sop_uid in seen:
+            log.info("duplicate instance %s at %s ignored", sop_uid, path)
+            continue
+        seen.add(sop_uid)
+        study = studies.setdefault(study_uid, StudyRecord(study_uid))
+        series = study.series.get(series_uid)
+        if series is None:
+            series = study.series[series_uid] = SeriesRecord(series_uid)
+        series.instances.append(InstanceRecord(path, header))
+    for problem in problems:
+        log.warning("input file skipped: %s: %s", problem.path, problem.reason)
+    return FolderIndex(studies=studies, problems=problems)

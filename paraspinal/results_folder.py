@@ -1,0 +1,110 @@
+"""Writing one study's results folder atomically.
+
+Everything is written into ``<out>/.incomplete-<study>-<pid>/`` and renamed to
+``<out>/<study>/`` only when complete, so a folder named after a study is always whole.
+An earlier result for the same study is replaced (moved aside, then deleted): the newest
+analysis supersedes the old one. ``result.json`` is the contract read by the node and by
+people: status (done / no_suitable_series / failed), reason, series decisions, outputs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+from app.config import RESEARCH_USE_STATEMENT
+
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+MEASUREMENT_COLUMNS = [
+    "study_instance_uid", "series_instance_uid", "stack", "label", "muscle", "side", "found",
+    "volume_cm3", "mean_csa_mm2", "max_csa_mm2", "fat_fraction_pct", "fat_method", "n_slices_with_muscle",
+]
+
+
+def safe_uid_component(uid: str) -> str:
+    """A UID validated for use as a path component (digits and dots, at most 64 characters)."""
+    if not (0 < len(uid) <= 64 and _UID_RE.match(uid)):
+        raise ValueError(f"not a valid DICOM UID for a path: {uid!r}")
+    return uid
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def measurement_rows(study_uid: str, stacks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for stack in stacks:
+        for m in stack["measurements"]:
+            rows.append({
+                "study_instance_uid": study_uid,
+                "series_instance_uid": stack["series_instance_uid"],
+                "stack": m["stack_index"],
+                "label": m["label"],
+                "muscle": m["muscle"],
+                "side": m["side"],
+                "found": m["found"],
+                "volume_cm3": m["volume_cm3"] if m["found"] else "",
+                "mean_csa_mm2": m["mean_csa_mm2"] if m["found"] else "",
+                "max_csa_mm2": m["max_csa_mm2"] if m["found"] else "",
+                "fat_fraction_pct": m["fat_fraction_pct"] if m["found"] else "",
+                "fat_method": m["fat_method"],
+                "n_slices_with_muscle": sum(1 for v in m["slice_csa_mm2"] if v > 0),
+            })
+    return rows
+
+
+def rows_to_csv(rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=MEASUREMENT_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def write_results_folder(out_dir: Path, study_uid: str, result: dict[str, Any],
+                         dicom_objects: dict[str, Dataset], measurements: dict[str, Any] | None) -> Path:
+    """Write result.json, the DICOM objects and measurements.json/csv, then publish atomically.
+
+    Returns the final folder ``out_dir/<study_uid>``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / safe_uid_component(study_uid)
+    staging = out_dir / f".incomplete-{study_uid}-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    outputs = []
+    for name, dataset in dicom_objects.items():
+        buffer = io.BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        _fsync_write(staging / name, buffer.getvalue())
+        outputs.append(name)
+    if measurements is not None:
+        _fsync_write(staging / "measurements.json", json.dumps(measurements, indent=2).encode())
+        rows = measurement_rows(study_uid, measurements["stacks"])
+        _fsync_write(staging / "measurements.csv", rows_to_csv(rows).encode())
+        outputs += ["measurements.json", "measurements.csv"]
+    result = dict(result, outputs=outputs, research_use=RESEARCH_USE_STATEMENT)
+    _fsync_write(staging / "result.json", json.dumps(result, indent=2).encode())
+    if final.exists():
+        old = out_dir / f".superseded-{study_uid}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+    return final

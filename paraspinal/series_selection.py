@@ -1,0 +1,159 @@
+"""Choose the lumbar axial T2 series of a study.
+
+Plane comes from ImageOrientationPatient, weighting from EchoTime/RepetitionTime; the
+SeriesDescription is only a tie-breaker between series that pass every rule. Every series
+gets a :class:`SeriesDecision` with the reason it was or was not chosen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+from app.config import SelectionRules
+from paraspinal.dicom_index import SeriesRecord, StudyRecord
+from paraspinal.stacks import StackError, StackPlan, plan_stacks, slice_geometry
+
+MR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.4")
+ENHANCED_MR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.4.1")
+
+NO_SERIES_REASON = "no lumbar axial T2 series"
+
+
+@dataclass
+class SeriesDecision:
+    """Why a series was (not) chosen. ``stacks`` is set for candidates that passed every rule."""
+
+    series_uid: str
+    series_number: str
+    description: str
+    n_instances: int
+    accepted: bool
+    reason: str
+    tie_break_score: int = 0
+    stacks: list[StackPlan] | None = None
+
+    def as_dict(self) -> dict:
+        return {
+            "series_instance_uid": self.series_uid,
+            "series_number": self.series_number,
+            "series_description": self.description,
+            "instances": self.n_instances,
+            "chosen": self.accepted,
+            "reason": self.reason,
+        }
+
+
+@dataclass
+class StudySelection:
+    chosen: SeriesDecision | None
+    decisions: list[SeriesDecision]
+    reason: str  # why the study has (no) analysable series
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    return str(ds.get(keyword, "") or "").strip().lower()
+
+
+def excluded_body_part(study: StudyRecord, rules: SelectionRules) -> str | None:
+    """The first body-part word that rules the study out, looking at body part and descriptions."""
+    for series in study.series.values():
+        for keyword in ("BodyPartExamined", "StudyDescription"):
+            text = _text(series.first, keyword)
+            for word in rules.excluded_body_parts:
+                if word and word in text:
+                    return f"{keyword} '{series.first.get(keyword)}' is not lumbar"
+    return None
+
+
+def _tie_break(description: str, rules: SelectionRules) -> int:
+    text = description.lower()
+    return sum(w in text for w in rules.preferred_description_words) - sum(
+        w in text for w in rules.avoided_description_words)
+
+
+def _float(ds: Dataset, keyword: str) -> float | None:
+    value = ds.get(keyword)
+    try:
+        return float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def judge_series(series: SeriesRecord, rules: SelectionRules) -> SeriesDecision:
+    """Apply the selection rules to one series."""
+    first = series.first
+
+    def reject(reason: str) -> SeriesDecision:
+        return SeriesDecision(series.series_uid, series.series_number, series.description,
+                              len(series.instances), False, reason)
+
+    sop_classes = {r.sop_class_uid for r in series.instances}
+    if sop_classes == {ENHANCED_MR_IMAGE_STORAGE}:
+        return reject("Enhanced MR (multi-frame) images are not supported by this version; send classic MR images")
+    if sop_classes != {MR_IMAGE_STORAGE}:
+        names = ", ".join(sorted(UID(s).name for s in sop_classes))
+        return reject(f"not an MR image series (SOP class {names})")
+    if str(first.get("Modality", "")) != "MR":
+        return reject(f"modality {first.get('Modality', 'missing')} is not MR")
+    image_type = {str(v).upper() for v in (first.get("ImageType") or [])}
+    excluded = sorted(image_type & {t.upper() for t in rules.excluded_image_types})
+    if excluded:
+        return reject(f"ImageType contains {'/'.join(excluded)}")
+    try:
+        geometry = slice_geometry(first)
+    except StackError as exc:
+        return reject(f"unusable geometry: {exc}")
+    angle = float(np.degrees(np.arccos(min(1.0, abs(float(geometry.normal[2]))))))
+    if angle > rules.axial_max_angle_deg:
+        plane = "sagittal" if abs(geometry.normal[0]) > abs(geometry.normal[1]) else "coronal"
+        return reject(f"not axial: {plane} plane (slice normal {angle:.0f} deg from the patient z axis, "
+                      f"limit {rules.axial_max_angle_deg:.0f})")
+    te, tr = _float(first, "EchoTime"), _float(first, "RepetitionTime")
+    if te is None or tr is None:
+        return reject("EchoTime or RepetitionTime missing: weighting cannot be determined")
+    if te < rules.min_echo_time_ms or tr < rules.min_repetition_time_ms:
+        return reject(f"not T2-weighted: TE {te:g} ms, TR {tr:g} ms (need TE >= {rules.min_echo_time_ms:g}, "
+                      f"TR >= {rules.min_repetition_time_ms:g})")
+    try:
+        plans = plan_stacks(series, rules.stack_orientation_tolerance_deg)
+    except StackError as exc:
+        return reject(f"unusable geometry: {exc}")
+    kept = [p for p in plans if len(p.instances) >= rules.min_slices_per_stack]
+    if not kept:
+        longest = max(len(p.instances) for p in plans)
+        return reject(f"too few slices: longest stack has {longest}, need at least {rules.min_slices_per_stack}")
+    stacks_text = f"{len(kept)} stack(s) of {', '.join(str(len(p.instances)) for p in kept)} slices"
+    if len(kept) < len(plans):
+        stacks_text += f"; {len(plans) - len(kept)} stack(s) below {rules.min_slices_per_stack} slices dropped"
+    decision = SeriesDecision(series.series_uid, series.series_number, series.description,
+                              len(series.instances), True,
+                              f"axial T2 (TE {te:g} ms, TR {tr:g} ms, {angle:.0f} deg from axial), {stacks_text}",
+                              tie_break_score=_tie_break(series.description, rules), stacks=kept)
+    return decision
+
+
+def select_series(study: StudyRecord, rules: SelectionRules) -> StudySelection:
+    """Pick one lumbar axial T2 series; every other series gets its reason."""
+    decisions = [judge_series(s, rules) for s in study.series.values()]
+    body = excluded_body_part(study, rules)
+    if body:
+        for d in decisions:
+            if d.accepted:
+                d.accepted, d.reason, d.stacks = False, f"study excluded: {body}", None
+        return StudySelection(None, decisions, f"{NO_SERIES_REASON}: {body}")
+    candidates = [d for d in decisions if d.accepted]
+    if not candidates:
+        return StudySelection(None, decisions, f"{NO_SERIES_REASON} among {len(decisions)} series")
+    candidates.sort(key=lambda d: (d.tie_break_score, sum(len(p.instances) for p in d.stacks or [])), reverse=True)
+    chosen = candidates[0]
+    for other in candidates[1:]:
+        other.accepted = False
+        other.stacks = None
+        other.reason = f"also axial T2, but ranked below {chosen.series_number or chosen.series_uid} " \
+                       f"(description tie-break {other.tie_break_score} vs {chosen.tie_break_score}, then slice count)"
+    chosen.reason = "chosen: " + chosen.reason
+    return StudySelection(chosen, decisions, chosen.reason)

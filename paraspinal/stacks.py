@@ -1,0 +1,198 @@
+"""Split a series into geometrically consistent stacks and load each as a volume.
+
+Lumbar axial T2 is often acquired as several short stacks angled to each disc within one
+series. Slices are grouped by ImageOrientationPatient, ordered along the slice normal, and
+split where the spacing jumps; each stack becomes one volume.
+
+Voxel index order of :attr:`StackVolume.pixels` is (slice, row, col). The affine
+:attr:`StackVolume.affine_lps` maps index (col, row, slice) - i.e. (i, j, k) with i along
+the DICOM row direction - to LPS patient coordinates in mm.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut
+
+from paraspinal.dicom_index import InstanceRecord, SeriesRecord
+
+
+class StackError(ValueError):
+    """A series cannot be turned into a usable volume; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class SliceGeometryHeader:
+    """Geometry read from one instance header."""
+
+    position: np.ndarray  # ImagePositionPatient, LPS mm
+    row_dir: np.ndarray  # direction of increasing column index (first IOP triplet)
+    col_dir: np.ndarray  # direction of increasing row index (second IOP triplet)
+    pixel_spacing: tuple[float, float]  # (between rows, between columns), mm
+    shape: tuple[int, int]  # (rows, columns)
+
+    @property
+    def normal(self) -> np.ndarray:
+        n = np.cross(self.row_dir, self.col_dir)
+        return n / np.linalg.norm(n)
+
+
+def slice_geometry(header: Dataset) -> SliceGeometryHeader:
+    """Geometry of one image; raises :class:`StackError` naming the missing attribute."""
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns"):
+        if keyword not in header or header.get(keyword) in (None, ""):
+            raise StackError(f"missing {keyword}")
+    iop = np.asarray([float(v) for v in header.ImageOrientationPatient], dtype=np.float64)
+    if iop.shape != (6,):
+        raise StackError(f"ImageOrientationPatient has {iop.size} values, expected 6")
+    row_dir, col_dir = iop[:3], iop[3:]
+    if not (np.isclose(np.linalg.norm(row_dir), 1, atol=1e-2) and np.isclose(np.linalg.norm(col_dir), 1, atol=1e-2)):
+        raise StackError("ImageOrientationPatient direction cosines are not unit vectors")
+    spacing = [float(v) for v in header.PixelSpacing]
+    if len(spacing) != 2 or min(spacing) <= 0:
+        raise StackError(f"invalid PixelSpacing {spacing}")
+    return SliceGeometryHeader(
+        position=np.asarray([float(v) for v in header.ImagePositionPatient], dtype=np.float64),
+        row_dir=row_dir / np.linalg.norm(row_dir),
+        col_dir=col_dir / np.linalg.norm(col_dir),
+        pixel_spacing=(spacing[0], spacing[1]),
+        shape=(int(header.Rows), int(header.Columns)),
+    )
+
+
+@dataclass
+class StackPlan:
+    """Instances of one stack, ordered by position along the slice normal (ascending)."""
+
+    instances: list[InstanceRecord]
+    geometries: list[SliceGeometryHeader]
+
+    @property
+    def slice_step_mm(self) -> float:
+        if len(self.geometries) < 2:
+            return 0.0
+        positions = [float(np.dot(g.position, self.geometries[0].normal)) for g in self.geometries]
+        return float(np.median(np.diff(positions)))
+
+
+@dataclass
+class StackVolume:
+    """One stack as a volume with its geometry and source instances.
+
+    Attributes:
+        series_uid: SeriesInstanceUID of the source series.
+        index: 1-based stack number within the series (ordered by position along z).
+        datasets: the full source instances (with pixel data), in slice order.
+        pixels: float32 array, voxel index order (slice, row, col), modality LUT applied.
+        affine_lps: 4x4, maps (col, row, slice) indices to LPS patient mm.
+        pixel_spacing_mm: (row spacing, column spacing) in mm, as DICOM PixelSpacing.
+        slice_step_mm: distance between neighbouring slice centres along the normal, mm.
+    """
+
+    series_uid: str
+    index: int
+    datasets: list[Dataset]
+    pixels: np.ndarray
+    affine_lps: np.ndarray
+    pixel_spacing_mm: tuple[float, float]
+    slice_step_mm: float
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.pixels.shape[0])
+
+    @property
+    def pixel_area_mm2(self) -> float:
+        return self.pixel_spacing_mm[0] * self.pixel_spacing_mm[1]
+
+    @property
+    def voxel_volume_mm3(self) -> float:
+        return self.pixel_area_mm2 * self.slice_step_mm
+
+
+def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.degrees(np.arccos(np.clip(abs(float(np.dot(a, b))), -1.0, 1.0))))
+
+
+def plan_stacks(series: SeriesRecord, orientation_tolerance_deg: float) -> list[StackPlan]:
+    """Group a series' instances into stacks; raises :class:`StackError` on unusable geometry."""
+    entries: list[tuple[InstanceRecord, SliceGeometryHeader]] = []
+    for record in series.instances:
+        try:
+            entries.append((record, slice_geometry(record.header)))
+        except StackError as exc:
+            raise StackError(f"{record.path.name}: {exc}") from None
+    sizes = Counter((g.shape, tuple(round(s, 4) for s in g.pixel_spacing)) for _, g in entries)
+    if len(sizes) > 1:
+        detail = ", ".join(f"{r}x{c} @ {sp[0]}x{sp[1]} mm: {n} slices" for ((r, c), sp), n in sizes.most_common())
+        raise StackError(f"slices have inconsistent sizes or pixel spacing ({detail})")
+
+    groups: list[list[tuple[InstanceRecord, SliceGeometryHeader]]] = []
+    for entry in entries:
+        for group in groups:
+            ref = group[0][1]
+            if (_angle_deg(ref.normal, entry[1].normal) <= orientation_tolerance_deg
+                    and _angle_deg(ref.row_dir, entry[1].row_dir) <= orientation_tolerance_deg):
+                group.append(entry)
+                break
+        else:
+            groups.append([entry])
+
+    plans: list[StackPlan] = []
+    for group in groups:
+        normal = group[0][1].normal
+        group.sort(key=lambda e: float(np.dot(e[1].position, normal)))
+        positions = np.array([float(np.dot(g.position, normal)) for _, g in group])
+        steps = np.diff(positions)
+        if steps.size and np.min(steps) < 1e-3:
+            raise StackError("two slices share one position (repeated acquisition in one series)")
+        # Split where the gap jumps: parallel stacks at different levels share an orientation.
+        median = float(np.median(steps)) if steps.size else 0.0
+        cuts = [i + 1 for i, step in enumerate(steps) if step > 1.5 * median]
+        for part in np.split(np.arange(len(group)), cuts):
+            plans.append(StackPlan([group[i][0] for i in part], [group[i][1] for i in part]))
+    plans.sort(key=lambda p: float(p.geometries[0].position[2]))
+    return plans
+
+
+def load_stack(plan: StackPlan, series_uid: str, index: int) -> StackVolume:
+    """Read pixel data (decoding compressed transfer syntaxes) and build the stack volume."""
+    datasets, slices = [], []
+    for record in plan.instances:
+        try:
+            ds = pydicom.dcmread(record.path)
+            array = ds.pixel_array
+        except Exception as exc:  # decoder errors come in many types; name the file and syntax
+            syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "?") if "ds" in locals() else "?"
+            raise StackError(f"{record.path.name}: cannot decode pixel data (transfer syntax {syntax}): {exc}") from None
+        if array.ndim != 2:
+            raise StackError(f"{record.path.name}: expected a single-frame grey image, got pixel array {array.shape}")
+        datasets.append(ds)
+        slices.append(np.asarray(apply_modality_lut(array, ds), dtype=np.float32))
+        del ds
+    first = plan.geometries[0]
+    step = plan.slice_step_mm
+    if len(plan.geometries) > 1:
+        slice_vector = (plan.geometries[-1].position - first.position) / (len(plan.geometries) - 1)
+    else:
+        slice_vector = first.normal * float(datasets[0].get("SliceThickness", 1.0) or 1.0)
+        step = float(np.linalg.norm(slice_vector))
+    affine = np.eye(4)
+    affine[:3, 0] = first.row_dir * first.pixel_spacing[1]
+    affine[:3, 1] = first.col_dir * first.pixel_spacing[0]
+    affine[:3, 2] = slice_vector
+    affine[:3, 3] = first.position
+    return StackVolume(
+        series_uid=series_uid,
+        index=index,
+        datasets=datasets,
+        pixels=np.stack(slices),
+        affine_lps=affine,
+        pixel_spacing_mm=first.pixel_spacing,
+        slice_step_mm=float(step),
+    )
