@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    # highdicom logs every module it copies at INFO: noise in an unattended node's log.
+    logging.getLogger("highdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
     return args.func(args)
 
 

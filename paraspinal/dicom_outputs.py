@@ -176,7 +176,7 @@ def build_measurement_report(results: list[tuple[StackVolume, SegmentationResult
         imaging_measurements=groups,
     )
     key = [first_stack.series_uid, bundle.weights_sha256] + [s.dataset.SOPInstanceUID for _, s, _ in results]
-    return hd.sr.Comprehensive3DSR(
+    sr = hd.sr.Comprehensive3DSR(
         evidence=[seg.dataset for _, seg, _ in results],
         content=report,
         series_instance_uid=stable_uid(*key, "sr-series"),
@@ -190,3 +190,14 @@ def build_measurement_report(results: list[tuple[StackVolume, SegmentationResult
         is_verified=False,
         series_description=settings.sr_series_description,
     )
+    sr.CodingSchemeIdentificationSequence = [_private_scheme_identification()]
+    return sr
+
+
+def _private_scheme_identification() -> Dataset:
+    """Declares the private coding scheme used for method names (PS3.3 C.12.1.1.3.1)."""
+    item = Dataset()
+    item.CodingSchemeDesignator = PRIVATE_SCHEME
+    item.CodingSchemeName = "Paraspinal Muscle Node methods"
+    item.CodingSchemeResponsibleOrganization = "Paraspinal Muscle Node project"
+    return item
