@@ -166,3 +166,41 @@ def test_measured_volumes_follow_voxel_counts_and_slice_step(written):
         expected = n * stack.pixel_spacing_mm[0] * stack.pixel_spacing_mm[1] * stack.slice_step_mm / 1000
         assert m.volume_cm3 == pytest.approx(expected, rel=1e-3)
         assert 0.0 <= (m.fat_fraction_pct or 0.0) <= 100.0
+
+
+def test_disc_angled_stacks_map_back_exactly_and_share_one_report(tmp_path, bundle, config):
+    """Three stacks tilted -12..+15 deg in one series: one SEG each, voxel-exact, one SR for all."""
+    from paraspinal.synthetic_study import make_synthetic_study
+
+    study = make_synthetic_study(tmp_path / "in", seed=31, oblique_stacks=True, non_square_pixels=True,
+                                 include_distractors=False)
+    (study_record,) = index_folder(tmp_path / "in").studies.values()
+    selection = select_series(study_record, config.selection)
+    truth = {uid: s.labels[k] for s in study.stacks for k, uid in enumerate(s.sop_instance_uids)}
+    results = []
+    for index, plan in enumerate(selection.chosen.stacks, start=1):
+        stack = load_stack(plan, selection.chosen.series_uid, index)
+        labels = np.stack([truth[str(ds.SOPInstanceUID)] for ds in stack.datasets])
+        seg = build_segmentation(stack, labels, bundle, config.output)
+        path = tmp_path / f"seg{index}.dcm"
+        seg.dataset.save_as(path, enforce_file_format=True)
+        assert dciodvfy_errors(path) == []
+        back = hd.seg.segread(path)
+        for k, ds in enumerate(stack.datasets):
+            if not labels[k].any():
+                continue
+            pixels = back.get_pixels_by_source_instance(
+                source_sop_instance_uids=[str(ds.SOPInstanceUID)], segment_numbers=list(seg.segment_numbers.values()),
+                combine_segments=True, relabel=False, skip_overlap_checks=True)[0]
+            mapped = np.zeros_like(labels[k])
+            for value, number in seg.segment_numbers.items():
+                mapped[pixels == number] = value
+            np.testing.assert_array_equal(mapped, labels[k])
+        results.append((stack, seg, measure_stack(stack, labels, bundle.labels)))
+    assert len(results) == 3
+    sr_path = tmp_path / "sr.dcm"
+    build_measurement_report(results, bundle, config.output).save_as(sr_path, enforce_file_format=True)
+    assert dciodvfy_errors(sr_path) == []
+    groups = hd.sr.srread(sr_path).content.get_volumetric_roi_measurement_groups()
+    referenced = {g.referenced_segment.referenced_sop_instance_uid for g in groups}
+    assert referenced == {str(seg.dataset.SOPInstanceUID) for _, seg, _ in results}
