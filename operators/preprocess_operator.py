@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from monai.deploy.core import Fragment, Operator, OperatorSpec
+from monai.deploy.core import Fragment
 
+from operators.study_stage import StudyStageOperator
 from paraspinal.model_bundle import ModelBundle
 from paraspinal.segmentation import to_model_space
 from paraspinal.study_job import StudyJob
 
 
-class PreprocessOperator(Operator):
+class PreprocessOperator(StudyStageOperator):
     """Orientation, in-plane resampling and intensity normalisation from the bundle metadata;
     keeps the invertible transforms so predictions map back to the source grid.
 
@@ -17,18 +18,12 @@ class PreprocessOperator(Operator):
         study: StudyJob (each stack's ``model_input`` filled)
     """
 
+    stage = "preprocess"
+
     def __init__(self, fragment: Fragment, *args, bundle: ModelBundle, **kwargs) -> None:
         self.bundle = bundle
         super().__init__(fragment, *args, **kwargs)
 
-    def setup(self, spec: OperatorSpec) -> None:
-        spec.input("study")
-        spec.output("study")
-
-    def compute(self, op_input, op_output, context) -> None:
-        job: StudyJob = op_input.receive("study")
-        if job.active:
-            with job.stage("preprocess"):
-                for work in job.stacks:
-                    work.model_input = to_model_space(work.volume, self.bundle)
-        op_output.emit(job, "study")
+    def process(self, job: StudyJob) -> None:
+        for work in job.stacks:
+            work.model_input = to_model_space(work.volume, self.bundle)

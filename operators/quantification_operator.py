@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from monai.deploy.core import Fragment, Operator, OperatorSpec
+from monai.deploy.core import Fragment
 
 from app.config import QuantificationSettings
+from operators.study_stage import StudyStageOperator
 from paraspinal.model_bundle import ModelBundle
 from paraspinal.quantification import measure_stack
 from paraspinal.study_job import JobStatus, StudyJob
 
 
-class QuantificationOperator(Operator):
+class QuantificationOperator(StudyStageOperator):
     """Measures each stack with the configured fat method (see :mod:`paraspinal.quantification`).
 
     A study in which no muscle is found at all ends as ``no_suitable_series``: the images were
@@ -20,24 +21,18 @@ class QuantificationOperator(Operator):
         study: StudyJob (each stack's ``measurements`` filled)
     """
 
+    stage = "quantification"
+
     def __init__(self, fragment: Fragment, *args, bundle: ModelBundle, settings: QuantificationSettings,
                  **kwargs) -> None:
         self.bundle = bundle
         self.settings = settings
         super().__init__(fragment, *args, **kwargs)
 
-    def setup(self, spec: OperatorSpec) -> None:
-        spec.input("study")
-        spec.output("study")
-
-    def compute(self, op_input, op_output, context) -> None:
-        job: StudyJob = op_input.receive("study")
-        if job.active:
-            with job.stage("quantification"):
-                for work in job.stacks:
-                    work.measurements = measure_stack(work.volume, work.labels, self.bundle.labels,
-                                                      self.settings.fat_method, self.settings.min_muscle_voxels)
-                if not any(m.found for w in job.stacks for m in w.measurements):
-                    job.status = JobStatus.NO_SUITABLE_SERIES
-                    job.reason = "no paraspinal muscle found in the chosen series (not lumbar anatomy?)"
-        op_output.emit(job, "study")
+    def process(self, job: StudyJob) -> None:
+        for work in job.stacks:
+            work.measurements = measure_stack(work.volume, work.labels, self.bundle.labels,
+                                              self.settings.fat_method, self.settings.min_muscle_voxels)
+        if not any(m.found for w in job.stacks for m in w.measurements):
+            job.status = JobStatus.NO_SUITABLE_SERIES
+            job.reason = "no paraspinal muscle found in the chosen series (not lumbar anatomy?)"

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
-from monai.deploy.core import Fragment, Operator, OperatorSpec
+from monai.deploy.core import Fragment
 
+from operators.study_stage import StudyStageOperator
 from paraspinal.model_bundle import ModelBundle
 from paraspinal.segmentation import segment_stack
 from paraspinal.study_job import StudyJob
 
 
-class SegmentationOperator(Operator):
+class SegmentationOperator(StudyStageOperator):
     """2D sliding-window inference (CUDA when present, else CPU) with the bundle's network,
     loaded once per process by :func:`paraspinal.model_bundle.load_bundle`.
 
@@ -20,23 +19,16 @@ class SegmentationOperator(Operator):
         study: StudyJob (each stack's ``labels`` filled, (slice, row, col) uint8)
     """
 
+    stage = "inference"
+
     def __init__(self, fragment: Fragment, *args, bundle: ModelBundle, **kwargs) -> None:
-        self._logger = logging.getLogger(f"{__name__}.{type(self).__name__}")
         self.bundle = bundle
         super().__init__(fragment, *args, **kwargs)
 
-    def setup(self, spec: OperatorSpec) -> None:
-        spec.input("study")
-        spec.output("study")
-
-    def compute(self, op_input, op_output, context) -> None:
-        job: StudyJob = op_input.receive("study")
-        if job.active:
-            with job.stage("inference"):
-                for work in job.stacks:
-                    work.labels = segment_stack(work.volume, self.bundle, work.model_input)
-                    work.model_input = None  # release model-space copies early
-                    found = [int(v) for v in np.unique(work.labels) if v]
-                    self._logger.info("study %s stack %d: %d slices on %s, labels %s", job.study_uid,
-                                      work.volume.index, work.volume.n_slices, self.bundle.device, found)
-        op_output.emit(job, "study")
+    def process(self, job: StudyJob) -> None:
+        for work in job.stacks:
+            work.labels = segment_stack(work.volume, self.bundle, work.model_input)
+            work.model_input = None  # release model-space copies early
+            found = [int(v) for v in np.unique(work.labels) if v]
+            self._logger.info("study %s stack %d: %d slices on %s, labels %s", job.study_uid,
+                              work.volume.index, work.volume.n_slices, self.bundle.device, found)
