@@ -2,6 +2,8 @@
 
 ``run`` follows the MAP contract: ``-i/-o/-m`` or ``HOLOSCAN_INPUT_PATH``,
 ``HOLOSCAN_OUTPUT_PATH`` and ``HOLOSCAN_MODEL_PATH``.
+``serve`` runs the DICOM node configured by the ``node:`` section; ``status`` reads its
+state database; ``demo`` runs archive, node and a synthetic study end to end.
 """
 
 from __future__ import annotations
@@ -62,6 +64,70 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if all(o["status"] != "failed" for o in outcomes) else 1
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the DICOM node until SIGTERM/SIGINT."""
+    import signal
+
+    from app.node.logs import setup_logging
+    from app.node.service import NodeService
+    from paraspinal.model_bundle import BundleError, find_bundle
+
+    setup_logging(args.log_level)
+    model_path = _path_arg(args.model, "HOLOSCAN_MODEL_PATH", str(DEFAULT_MODEL_PATH))
+    try:
+        config = load_config(args.config)
+        # Fail now, not at the first study, when there is no model; and pin the bundle found.
+        model_path = find_bundle(model_path)
+    except (ConfigError, BundleError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    service = NodeService(config, model_path, args.device, args.log_level.upper())
+    signal.signal(signal.SIGTERM, lambda *_: service.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: service.request_stop())
+    try:
+        service.start()
+    except OSError as exc:  # e.g. the port is taken
+        print(f"error: cannot start the node: {exc}", file=sys.stderr)
+        service.stop()
+        return 1
+    try:
+        service.wait()
+    finally:
+        service.stop()
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print the node's state database: studies and outbox."""
+    from app.node.state import StateStore
+    from app.node.status import format_status
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    db = config.node.state_db
+    if not db.is_file():
+        print(f"no node state at {db} (the node has not run with this configuration)", file=sys.stderr)
+        return 1
+    state = StateStore(db, readonly=True)
+    try:
+        summary = state.summary(recent=args.recent)
+    finally:
+        state.close()
+    print(json.dumps(summary, indent=2, default=str) if args.json else format_status(summary))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from app.demo import run_demo
+
+    model_path = _path_arg(args.model, "HOLOSCAN_MODEL_PATH", str(DEFAULT_MODEL_PATH))
+    return run_demo(Path(args.workdir), model_path, quiet_period_s=args.quiet_period, seed=args.seed,
+                    timeout_s=args.timeout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m app", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,6 +140,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-m", "--model", help="model bundle or models folder (default $HOLOSCAN_MODEL_PATH or ./models)")
     run.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda when available)")
     run.set_defaults(func=cmd_run)
+    serve = sub.add_parser("serve", help="run the DICOM node (C-STORE in, analysis, C-STORE out)")
+    serve.add_argument("-m", "--model", help="model bundle or models folder (default $HOLOSCAN_MODEL_PATH or ./models)")
+    serve.add_argument("--device", help="torch device for the workers (default: cuda when available)")
+    serve.set_defaults(func=cmd_serve)
+    status = sub.add_parser("status", help="show the node's studies and outbox (reads its state database)")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--recent", type=int, default=20, help="how many recent studies to list")
+    status.set_defaults(func=cmd_status)
+    demo = sub.add_parser("demo", help="end to end on this machine: archive + node + synthetic study")
+    demo.add_argument("--workdir", default="build/demo",
+                      help="folder for the demo's files (its node/, archive/, study/ and logs/ are recreated)")
+    demo.add_argument("-m", "--model", help="model bundle or models folder (default $HOLOSCAN_MODEL_PATH or ./models)")
+    demo.add_argument("--quiet-period", type=float, default=2.0, help="the node's quiet period for the demo, s")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic study")
+    demo.add_argument("--timeout", type=float, default=900.0, help="give up after this long, s")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 

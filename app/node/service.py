@@ -1,0 +1,154 @@
+"""The node as one service: listener, completion, workers and sender wired together.
+
+Threads in the node process:
+
+* pynetdicom's server threads (one per association) run the listener's handlers;
+* the scheduler thread promotes quiet studies and feeds the worker pool
+  (:class:`app.node.worker.Dispatcher`), and writes a heartbeat to the state database;
+* the sender thread sends due outbox items.
+
+On start, state left by an earlier run is resumed: analyses that were running are queued
+again, studies found in the spool but missing from the database are adopted, and pending
+outbox items are sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from app.config import Config
+from app.node.completion import CompletionTracker
+from app.node.listener import Listener
+from app.node.logs import log_event
+from app.node.sender import Sender
+from app.node.spool import Spool, ensure_dir
+from app.node.state import StateStore
+from app.node.worker import Dispatcher
+
+log = logging.getLogger(__name__)
+
+#: Longest the scheduler sleeps between looks at the database, s (also the heartbeat period).
+SCHEDULER_TICK_S = 0.25
+SENDER_TICK_S = 1.0
+HEARTBEAT_EVERY_S = 5.0
+
+
+class NodeService:
+    """The running node.
+
+    Args:
+        config: the loaded configuration (its ``node`` section drives the service).
+        model_path: the model bundle, or a folder holding exactly one.
+        device: torch device for the workers (None: CUDA when available, else CPU).
+        log_level: log level for the worker processes.
+    """
+
+    def __init__(self, config: Config, model_path: Path, device: str | None = None, log_level: str = "INFO") -> None:
+        self.config = config
+        self.settings = config.node
+        self.model_path = Path(model_path)
+        self.device = device
+        self.log_level = log_level
+        self.state: StateStore | None = None
+        self.listener: Listener | None = None
+        self.dispatcher: Dispatcher | None = None
+        self._stop = threading.Event()
+        self._wake_scheduler = threading.Event()
+        self._wake_sender = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        """Open the state, resume earlier work, start workers, listener and loops."""
+        s = self.settings
+        for folder in (s.results_dir, s.failed_dir):
+            ensure_dir(Path(folder))
+        self.state = StateStore(s.state_db)
+        spool = Spool(s.spool_dir)
+        requeued = self.state.requeue_interrupted()
+        adopted = self.state.adopt_spool_studies(spool.study_uids())
+        log_event(log, logging.INFO, "node_resumed", requeued=len(requeued), adopted=len(adopted),
+                  state_db=s.state_db)
+        self.dispatcher = Dispatcher(s, self.config, self.state, spool, self.model_path, self.device, self.log_level)
+        self.dispatcher.start()
+        self.listener = Listener(s, spool, self.state)
+        self.listener.start()
+        completion = CompletionTracker(self.state, s.quiet_period_s)
+        sender = Sender(s, self.state)
+        self._threads = [
+            threading.Thread(target=self._scheduler_loop, args=(completion,), name="node-scheduler", daemon=True),
+            threading.Thread(target=self._sender_loop, args=(sender,), name="node-sender", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        self.state.set_info(pid=os.getpid(), started_at=time.time(), heartbeat_at=time.time(), ae_title=s.ae_title,
+                            address=s.bind_address, port=self.listener.port, quiet_period_s=s.quiet_period_s,
+                            workers=s.workers, model_path=self.model_path, stopped_at="")
+        log_event(log, logging.INFO, "node_started", ae_title=s.ae_title, port=self.listener.port,
+                  quiet_period_s=s.quiet_period_s, workers=s.workers,
+                  destinations=",".join(f"{d.ae_title}@{d.host}:{d.port}" for d in s.destinations) or "none")
+
+    @property
+    def port(self) -> int:
+        assert self.listener is not None
+        return self.listener.port
+
+    def stop(self) -> None:
+        """Stop accepting, stop the loops, end the workers, close the database."""
+        self._stop.set()
+        self._wake_scheduler.set()
+        self._wake_sender.set()
+        if self.listener is not None:
+            self.listener.stop()
+        for thread in self._threads:
+            thread.join(timeout=30.0)
+        if self.dispatcher is not None:
+            self.dispatcher.shutdown()
+        if self.state is not None:
+            self.state.set_info(stopped_at=time.time())
+            self.state.close()
+            self.state = None
+        log_event(log, logging.INFO, "node_stopped")
+
+    def wait(self) -> None:
+        """Block until :meth:`request_stop` is called (e.g. from a signal handler)."""
+        while not self._stop.wait(timeout=1.0):
+            pass
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    # ---- loops -----------------------------------------------------------------------------
+
+    def _scheduler_loop(self, completion: CompletionTracker) -> None:
+        assert self.state is not None and self.dispatcher is not None
+        last_beat = 0.0
+        while not self._stop.is_set():
+            try:
+                completion.promote_ready()
+                if self.dispatcher.poll():
+                    self._wake_sender.set()  # finished jobs may have queued outputs
+                now = time.time()
+                if now - last_beat >= HEARTBEAT_EVERY_S:
+                    self.state.set_info(heartbeat_at=now)
+                    last_beat = now
+            except Exception:  # the loop must survive anything one study can cause
+                log.exception("scheduler error")
+            self._wake_scheduler.wait(timeout=SCHEDULER_TICK_S)
+            self._wake_scheduler.clear()
+
+    def _sender_loop(self, sender: Sender) -> None:
+        assert self.state is not None
+        while not self._stop.is_set():
+            try:
+                sender.send_due()
+                due_in = self.state.next_due_in_s()
+            except Exception:
+                log.exception("sender error")
+                due_in = None
+            timeout = SENDER_TICK_S if due_in is None else min(SENDER_TICK_S, max(0.05, due_in))
+            self._wake_sender.wait(timeout=timeout)
+            self._wake_sender.clear()
