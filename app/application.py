@@ -1,6 +1,7 @@
 """The MONAI Deploy application: the operator graph, one study at a time through it.
 
-    loader -> selector -> preprocess -> segmentation -> quantification -> SEG writer -> SR writer -> results
+    loader -> selector -> preprocess -> segmentation -> quantification -> SEG writer -> SR writer -> report
+    -> results
 
 Each arrow carries a :class:`paraspinal.study_job.StudyJob`; see ``operators/`` for each stage.
 """
@@ -17,6 +18,7 @@ from monai.deploy.core import Application
 from app.config import Config, load_config
 from operators.preprocess_operator import PreprocessOperator
 from operators.quantification_operator import QuantificationOperator
+from operators.report_operator import ReportOperator
 from operators.results_writer_operator import ResultsWriterOperator
 from operators.segmentation_operator import SegmentationOperator
 from operators.seg_writer_operator import SegWriterOperator
@@ -59,8 +61,10 @@ class ParaspinalMuscleApp(Application):
         quantify = QuantificationOperator(self, bundle=bundle, settings=cfg.quantification, name="quantification")
         seg_writer = SegWriterOperator(self, bundle=bundle, settings=cfg.output, name="seg_writer")
         sr_writer = SRWriterOperator(self, bundle=bundle, settings=cfg.output, name="sr_writer")
+        report = ReportOperator(self, bundle=bundle, settings=cfg.output, quantification=cfg.quantification,
+                                name="report")
         self.results = ResultsWriterOperator(self, output_folder=self.output_folder, bundle=bundle, name="results")
-        chain = [loader, selector, preprocess, segment, quantify, seg_writer, sr_writer, self.results]
+        chain = [loader, selector, preprocess, segment, quantify, seg_writer, sr_writer, report, self.results]
         for upstream, downstream in zip(chain, chain[1:]):
             self.add_flow(upstream, downstream, {("study", "study")})
 

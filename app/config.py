@@ -48,14 +48,37 @@ class SelectionRules:
 
 @dataclass(frozen=True)
 class QuantificationSettings:
+    """How muscles are measured (README "Measurements").
+
+    Attributes:
+        fat_method: key of ``paraspinal.fat_methods.FAT_METHODS``.
+        bias_correction: ``"n4"`` (SimpleITK N4 before fat separation) or ``"none"``.
+        dixon_pdff: ``"auto"`` (PDFF beside the T2 method when the study has Dixon water and fat
+            series on the T2's frame of reference) or ``"off"``.
+        min_muscle_voxels: muscles with fewer voxels in a stack are reported as not found.
+    """
+
     fat_method: str
+    bias_correction: str
+    dixon_pdff: str
     min_muscle_voxels: int
+
+    def __post_init__(self) -> None:
+        from paraspinal.fat_methods import FAT_METHODS  # light: numpy/scipy/scikit-image only
+
+        allowed = {"fat_method": tuple(FAT_METHODS), "bias_correction": ("n4", "none"),
+                   "dixon_pdff": ("auto", "off")}
+        for name, choices in allowed.items():
+            value = getattr(self, name)
+            if value not in choices:
+                raise ConfigError(f"[quantification] {name}: {value!r} is not one of {', '.join(choices)}")
 
 
 @dataclass(frozen=True)
 class OutputSettings:
     seg_series_number: int
     sr_series_number: int
+    report_series_number: int
     seg_series_description: str
     sr_series_description: str
     manufacturer: str

@@ -1,4 +1,4 @@
-"""Quantify: cross-sectional area, volume and fat fraction per muscle and side."""
+"""Quantify: cross-sectional area, volume and fat per muscle and side, with Dixon PDFF where present."""
 
 from __future__ import annotations
 
@@ -6,13 +6,17 @@ from monai.deploy.core import Fragment
 
 from app.config import QuantificationSettings
 from operators.study_stage import StudyStageOperator
+from paraspinal.dixon import DixonPair, find_dixon_pair, pdff_on_stack
 from paraspinal.model_bundle import ModelBundle
 from paraspinal.quantification import measure_stack
-from paraspinal.study_job import JobStatus, StudyJob
+from paraspinal.study_job import JobStatus, StackWork, StudyJob
 
 
 class QuantificationOperator(StudyStageOperator):
-    """Measures each stack with the configured fat method (see :mod:`paraspinal.quantification`).
+    """Measures each stack with the configured fat method and bias correction (see
+    :mod:`paraspinal.quantification`), and, when ``dixon_pdff`` is ``auto`` and the study holds a
+    Dixon water/fat pair on the stack's frame of reference (:mod:`paraspinal.dixon`), the PDFF
+    inside the same masks. A Dixon pair that cannot be read costs only the PDFF, not the study.
 
     A study in which no muscle is found at all ends as ``no_suitable_series``: the images were
     accepted by the rules but show no lumbar paraspinal muscle (wrong anatomy or failed model).
@@ -29,10 +33,32 @@ class QuantificationOperator(StudyStageOperator):
         self.settings = settings
         super().__init__(fragment, *args, **kwargs)
 
+    def _pdff(self, job: StudyJob, work: StackWork, pairs: dict[str, tuple[DixonPair | None, str]]):
+        frame = str(work.volume.datasets[0].get("FrameOfReferenceUID", ""))
+        if frame not in pairs:
+            chosen = {job.selection.chosen.series_uid} if job.selection and job.selection.chosen else set()
+            pairs[frame] = find_dixon_pair(job.study, frame, chosen)
+        pair, why_not = pairs[frame]
+        if pair is None:
+            self._logger.info("study %s stack %d: no Dixon PDFF (%s)", job.study_uid, work.volume.index, why_not)
+            return None, None
+        try:
+            pdff = pdff_on_stack(pair, work.volume)
+        except Exception as exc:  # unreadable Dixon images: report without PDFF, say why
+            self._logger.warning("study %s stack %d: Dixon PDFF not measured: %s: %s", job.study_uid,
+                                 work.volume.index, type(exc).__name__, exc)
+            return None, None
+        self._logger.info("study %s stack %d: Dixon PDFF from %s", job.study_uid, work.volume.index, pair.reason)
+        return pdff, pair.as_dict()
+
     def process(self, job: StudyJob) -> None:
+        pairs: dict[str, tuple[DixonPair | None, str]] = {}
         for work in job.stacks:
+            pdff, source = (self._pdff(job, work, pairs) if self.settings.dixon_pdff == "auto" else (None, None))
             work.measurements = measure_stack(work.volume, work.labels, self.bundle.labels,
-                                              self.settings.fat_method, self.settings.min_muscle_voxels)
+                                              self.settings.fat_method, self.settings.min_muscle_voxels,
+                                              bias_correction=self.settings.bias_correction, pdff=pdff,
+                                              pdff_source=source)
         if not any(m.found for w in job.stacks for m in w.measurements):
             job.status = JobStatus.NO_SUITABLE_SERIES
             job.reason = "no paraspinal muscle found in the chosen series (not lumbar anatomy?)"

@@ -8,6 +8,7 @@ from pathlib import Path
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
 from paraspinal.model_bundle import ModelBundle
+from paraspinal.report_pdf import PdfFile
 from paraspinal.results_folder import write_results_folder
 from paraspinal.study_job import JobStatus, StudyJob
 
@@ -78,9 +79,13 @@ class ResultsWriterOperator(Operator):
                     objects[f"seg_stack{work.volume.index}.dcm"] = work.segmentation.dataset
             if job.sr is not None:
                 objects["sr.dcm"] = job.sr
+            report = getattr(job, "report", None)  # set by ReportOperator
+            if report is not None:
+                objects["report_pdf.dcm"] = report.dataset  # Encapsulated PDF, sent with SEG and SR
+                objects["report.pdf"] = PdfFile(report.pdf)
             measurements = self._measurements(job)
             job.status = JobStatus.DONE
-            job.reason = f"{len(objects)} DICOM object(s) written"
+            job.reason = f"{sum(name.endswith('.dcm') for name in objects)} DICOM object(s) written"
         try:
             folder = write_results_folder(self.output_folder, job.study_uid, self._result(job), objects, measurements)
         except Exception as exc:  # e.g. disk full: say so, keep serving other studies

@@ -1,13 +1,15 @@
 """DICOM SEG (BINARY) and TID 1500 Comprehensive 3D SR built with highdicom.
 
-Output UIDs are derived from the source series UID, the stack number, the model's weight
-hash and the object kind, so re-running the same input with the same model yields the same
-SOP Instance UIDs: a resend is idempotent at the PACS, and a new model version gives new
-objects instead of silently replacing old ones.
+Output UIDs are derived from the source series UID, the stack number, the stack's source
+SOP Instance UIDs, the model's weight hash and the object kind, so re-running the same input
+with the same model yields the same SOP Instance UIDs (a resend is idempotent at the PACS),
+while a series that gained slices or a new model version gives new objects instead of
+silently replacing old ones.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -18,14 +20,12 @@ from pydicom.uid import generate_uid
 
 from app.config import OutputSettings
 from paraspinal.model_bundle import Code, LabelInfo, ModelBundle
+from paraspinal.fat_methods import fat_method
 from paraspinal.quantification import MuscleMeasurement
 from paraspinal.stacks import StackVolume
 
 # No standard code names these methods; a private scheme (99-prefixed, DICOM PS3.16 8.2) is honest.
 PRIVATE_SCHEME = "99PARASPINAL"
-FAT_METHOD_CODES = {
-    "otsu": hd.sr.CodedConcept("OTSU", PRIVATE_SCHEME, "Otsu threshold within muscle"),
-}
 SOFTWARE_VERSION = "0.1.0"
 
 
@@ -88,7 +88,9 @@ def build_segmentation(stack: StackVolume, labels: np.ndarray, bundle: ModelBund
     remapped = np.zeros(labels.shape, dtype=np.uint8)
     for value, number in numbers.items():
         remapped[labels == value] = number
-    key = (stack.series_uid, str(stack.index), bundle.weights_sha256)
+    # The source instances are part of the key: a series that gained or lost slices gives new objects.
+    sources = hashlib.sha256("\\".join(sorted(str(ds.SOPInstanceUID) for ds in stack.datasets)).encode()).hexdigest()
+    key = (stack.series_uid, str(stack.index), bundle.weights_sha256, sources)
     descriptions = [
         _segment_description(numbers[info.value], info, bundle, stable_uid(*key, "track", str(info.value)))
         for info in present
@@ -114,52 +116,222 @@ def build_segmentation(stack: StackVolume, labels: np.ndarray, bundle: ModelBund
     return SegmentationResult(dataset=seg, segment_numbers=numbers, stack_index=stack.index)
 
 
-def _measurement_group(seg: SegmentationResult, stack: StackVolume, m: MuscleMeasurement, info: LabelInfo,
-                       bundle: ModelBundle) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+# Concepts without a standard code (private scheme, declared in every SR).
+FAT_AREA = hd.sr.CodedConcept("FATCSA", PRIVATE_SCHEME, "Fat cross-sectional area")
+LEAN_AREA = hd.sr.CodedConcept("LEANCSA", PRIVATE_SCHEME, "Lean cross-sectional area")
+ASYMMETRY_INDEX = hd.sr.CodedConcept("ASYMIDX", PRIVATE_SCHEME, "Left-right volume asymmetry index")
+GOUTALLIER_GRADE = hd.sr.CodedConcept("GOUTALLIER", PRIVATE_SCHEME, "Simplified Goutallier grade")
+GOUTALLIER_VALUES = {
+    "normal/mild": hd.sr.CodedConcept("GOUT01", PRIVATE_SCHEME, "Normal or mild fatty infiltration (< 10 %)"),
+    "moderate": hd.sr.CodedConcept("GOUT2", PRIVATE_SCHEME, "Moderate fatty infiltration (10-50 %)"),
+    "severe": hd.sr.CodedConcept("GOUT34", PRIVATE_SCHEME, "Severe fatty infiltration (> 50 %)"),
+}
+DIXON_PDFF_METHOD = hd.sr.CodedConcept("DIXONPDFF", PRIVATE_SCHEME, "Dixon proton density fat fraction F/(W+F)")
+UNIT_MM2 = hd.sr.CodedConcept("mm2", "UCUM", "square millimeter")
+UNIT_CM2 = hd.sr.CodedConcept("cm2", "UCUM", "square centimeter")
+
+
+def fat_method_concept(key: str, bias_correction: str = "none") -> hd.sr.CodedConcept:
+    """The private code naming a fat method (and N4 when it ran first)."""
+    method = fat_method(key)
+    if bias_correction == "n4":
+        return hd.sr.CodedConcept(method.code + "N4", PRIVATE_SCHEME, (method.meaning + ", N4-corrected")[:64])
+    return hd.sr.CodedConcept(method.code, PRIVATE_SCHEME, method.meaning)
+
+
+def seg_frame_numbers(seg: Dataset) -> dict[tuple[int, str], int]:
+    """(segment number, source SOP Instance UID) -> frame number (1-based) of a BINARY SEG."""
+    out = {}
+    for i, frame in enumerate(seg.PerFrameFunctionalGroupsSequence, start=1):
+        number = int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        for derivation in frame.get("DerivationImageSequence", []):
+            for source in derivation.get("SourceImageSequence", []):
+                out[(number, str(source.ReferencedSOPInstanceUID))] = i
+    return out
+
+
+def _slice_tracking(stack: StackVolume, m: MuscleMeasurement, info: LabelInfo, bundle: ModelBundle,
+                    k: int, suffix: str = "") -> hd.sr.TrackingIdentifier:
+    level = m.slice_level[k] if k < len(m.slice_level) else None
+    where = f"level {level}" if level else f"z {m.slice_z_mm[k]:+.1f} mm"
+    return hd.sr.TrackingIdentifier(
+        uid=stable_uid(stack.series_uid, str(stack.index), bundle.weights_sha256, "slice", str(info.value), str(k),
+                       suffix),
+        identifier=f"stack {stack.index} {info.name} slice {k + 1} {where}{suffix}"[:64],
+    )
+
+
+def _slice_group(seg: SegmentationResult, frames: dict[tuple[int, str], int], stack: StackVolume,
+                 m: MuscleMeasurement, info: LabelInfo, bundle: ModelBundle, k: int,
+                 dixon: bool = False) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | None:
+    """TID 1410 planar group of one muscle on one slice, referencing its SEG frame on that slice.
+
+    ``dixon=False``: CSA, fat CSA, lean CSA (mm2) and fat fraction (%) by the T2 method;
+    ``dixon=True``: the Dixon PDFF (%) on that slice (its own group, so that the group-level
+    measurement method -- the only one dcmqi's tid1500reader reads -- names it).
+    """
+    source = stack.datasets[k]
+    number = seg.segment_numbers[info.value]
+    frame = frames.get((number, str(source.SOPInstanceUID)))
+    if frame is None:
+        return None
     algorithm = hd.sr.AlgorithmIdentification(name=bundle.name, version=bundle.version)
     site = hd.sr.FindingSite(anatomic_location=coded(info.code), laterality=coded(info.laterality))
+    if dixon:
+        if k >= len(m.slice_pdff_pct) or m.slice_pdff_pct[k] is None:
+            return None
+        method = DIXON_PDFF_METHOD
+        measurements = [hd.sr.Measurement(name=codes.DCM.FatFraction, value=m.slice_pdff_pct[k],
+                                          unit=codes.UCUM.Percent, method=method)]
+    else:
+        method = fat_method_concept(m.fat_method, m.bias_correction)
+        measurements = [
+            hd.sr.Measurement(name=codes.SCT.Area, value=m.slice_csa_mm2[k], unit=UNIT_MM2, algorithm_id=algorithm),
+            hd.sr.Measurement(name=FAT_AREA, value=m.slice_fat_csa_mm2[k], unit=UNIT_MM2, method=method,
+                              algorithm_id=algorithm),
+            hd.sr.Measurement(name=LEAN_AREA, value=m.slice_lean_csa_mm2[k], unit=UNIT_MM2, method=method,
+                              algorithm_id=algorithm),
+        ]
+        if m.slice_fat_fraction_pct[k] is not None:
+            measurements.append(hd.sr.Measurement(name=codes.DCM.FatFraction, value=m.slice_fat_fraction_pct[k],
+                                                  unit=codes.UCUM.Percent, method=method, algorithm_id=algorithm))
+    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_slice_tracking(stack, m, info, bundle, k, " PDFF" if dixon else ""),
+        referenced_segment=hd.sr.ReferencedSegmentationFrame(
+            sop_class_uid=seg.dataset.SOPClassUID, sop_instance_uid=seg.dataset.SOPInstanceUID,
+            frame_number=frame, segment_number=number,
+            source_image=hd.sr.SourceImageForSegmentation(str(source.SOPClassUID), str(source.SOPInstanceUID)),
+        ),
+        finding_type=coded(info.code),
+        method=method,
+        finding_sites=[site],
+        algorithm_id=None if dixon else algorithm,
+        measurements=measurements,
+    )
+    _reference_frame_only(group)
+    return group
+
+
+def _reference_frame_only(items) -> None:
+    """Drop ReferencedSegmentNumber where a ReferencedFrameNumber is given in the same reference.
+
+    PS3.3 (Image SOP Instance Reference Macro): a reference to a SEG names frames OR segments;
+    highdicom writes both for a segmentation frame and dciodvfy flags it. The frame (one frame
+    of a BINARY SEG holds one segment on one source image) already implies the segment.
+    """
+    for item in items:  # content items (datasets) of a content sequence / template
+        for reference in item.get("ReferencedSOPSequence", []):
+            if "ReferencedFrameNumber" in reference and "ReferencedSegmentNumber" in reference:
+                del reference.ReferencedSegmentNumber
+        _reference_frame_only(item.get("ContentSequence", []))
+
+
+def _referenced_segment(seg: SegmentationResult, stack: StackVolume, info: LabelInfo) -> hd.sr.ReferencedSegment:
+    return hd.sr.ReferencedSegment(
+        sop_class_uid=seg.dataset.SOPClassUID,
+        sop_instance_uid=seg.dataset.SOPInstanceUID,
+        segment_number=seg.segment_numbers[info.value],
+        source_series=hd.sr.SourceSeriesForSegmentation(stack.series_uid),
+    )
+
+
+def _measurement_group(seg: SegmentationResult, stack: StackVolume, m: MuscleMeasurement, info: LabelInfo,
+                       bundle: ModelBundle) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """TID 1411 volumetric group of one muscle and side in one stack, referencing its SEG segment:
+    volume (cm3), mean/max CSA (cm2), volume-weighted fat fraction (%) by the T2 method (the
+    group's measurement method), volume asymmetry index (%) and the simplified Goutallier grade."""
+    algorithm = hd.sr.AlgorithmIdentification(name=bundle.name, version=bundle.version)
+    site = hd.sr.FindingSite(anatomic_location=coded(info.code), laterality=coded(info.laterality))
+    method = fat_method_concept(m.fat_method, m.bias_correction)
     measurements = [
         hd.sr.Measurement(name=codes.SCT.Volume, value=m.volume_cm3, unit=codes.UCUM.CubicCentimeter,
                           algorithm_id=algorithm),
-        hd.sr.Measurement(name=codes.SCT.Area, value=round(m.mean_csa_mm2 / 100.0, 3),
-                          unit=hd.sr.CodedConcept("cm2", "UCUM", "square centimeter"),
+        hd.sr.Measurement(name=codes.SCT.Area, value=round(m.mean_csa_mm2 / 100.0, 3), unit=UNIT_CM2,
                           derivation=codes.SCT.Mean, algorithm_id=algorithm),
-        hd.sr.Measurement(name=codes.SCT.Area, value=round(m.max_csa_mm2 / 100.0, 3),
-                          unit=hd.sr.CodedConcept("cm2", "UCUM", "square centimeter"),
+        hd.sr.Measurement(name=codes.SCT.Area, value=round(m.max_csa_mm2 / 100.0, 3), unit=UNIT_CM2,
                           derivation=codes.SCT.Maximum, algorithm_id=algorithm),
     ]
     if m.fat_fraction_pct is not None:
         measurements.append(hd.sr.Measurement(
             name=codes.DCM.FatFraction, value=m.fat_fraction_pct, unit=codes.UCUM.Percent,
-            method=FAT_METHOD_CODES.get(m.fat_method), algorithm_id=algorithm))
+            method=method, algorithm_id=algorithm))
+    if m.asymmetry_index_pct is not None:
+        measurements.append(hd.sr.Measurement(
+            name=ASYMMETRY_INDEX, value=m.asymmetry_index_pct, unit=codes.UCUM.Percent, algorithm_id=algorithm))
+    evaluations = []
+    if m.goutallier_grade in GOUTALLIER_VALUES:
+        evaluations.append(hd.sr.QualitativeEvaluation(GOUTALLIER_GRADE, GOUTALLIER_VALUES[m.goutallier_grade]))
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=stable_uid(stack.series_uid, str(stack.index), bundle.weights_sha256, "group", str(info.value)),
             identifier=f"stack {stack.index} {info.name}",
         ),
-        referenced_segment=hd.sr.ReferencedSegment(
-            sop_class_uid=seg.dataset.SOPClassUID,
-            sop_instance_uid=seg.dataset.SOPInstanceUID,
-            segment_number=seg.segment_numbers[info.value],
-            source_series=hd.sr.SourceSeriesForSegmentation(stack.series_uid),
-        ),
+        referenced_segment=_referenced_segment(seg, stack, info),
         finding_type=coded(info.code),
+        method=method,
         finding_sites=[site],
         algorithm_id=algorithm,
         measurements=measurements,
+        qualitative_evaluations=evaluations or None,
+    )
+
+
+def _dixon_group(seg: SegmentationResult, stack: StackVolume, m: MuscleMeasurement, info: LabelInfo,
+                 bundle: ModelBundle) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """TID 1411 group with the Dixon PDFF (%) inside the same segment, method DIXONPDFF."""
+    site = hd.sr.FindingSite(anatomic_location=coded(info.code), laterality=coded(info.laterality))
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=stable_uid(stack.series_uid, str(stack.index), bundle.weights_sha256, "pdff", str(info.value)),
+            identifier=f"stack {stack.index} {info.name} PDFF",
+        ),
+        referenced_segment=_referenced_segment(seg, stack, info),
+        finding_type=coded(info.code),
+        method=DIXON_PDFF_METHOD,
+        finding_sites=[site],
+        measurements=[hd.sr.Measurement(name=codes.DCM.FatFraction, value=m.pdff_pct, unit=codes.UCUM.Percent,
+                                        method=DIXON_PDFF_METHOD)],
     )
 
 
 def build_measurement_report(results: list[tuple[StackVolume, SegmentationResult, list[MuscleMeasurement]]],
-                             bundle: ModelBundle, settings: OutputSettings) -> Dataset:
-    """One TID 1500 Comprehensive 3D SR for the study: a volumetric group per found muscle per stack."""
-    groups = []
+                             bundle: ModelBundle, settings: OutputSettings, *,
+                             per_slice_groups: bool = True) -> Dataset:
+    """One TID 1500 Comprehensive 3D SR for the study.
+
+    Groups, each referencing its SEG segment (volumetric) or SEG frame (planar), in this order:
+
+    * per found muscle, side and stack, a volumetric group (TID 1411) "stack N <muscle> <side>":
+      volume, mean and max CSA, fat fraction by the T2 method, asymmetry index, Goutallier grade;
+    * where Dixon PDFF was measured, a volumetric group "... PDFF" with the PDFF;
+    * with ``per_slice_groups``, per slice holding the muscle, a planar group (TID 1410)
+      "stack N <muscle> <side> slice K z <z> mm" (or "level <L>" where determined) with CSA, fat
+      CSA, lean CSA (mm2) and fat fraction (%), and where measured "... PDFF" with the slice PDFF.
+
+    The fat method (and N4) is the measurement method of each fat group and of each fat
+    measurement (private scheme 99PARASPINAL, declared in CodingSchemeIdentificationSequence).
+    """
+    groups: list = []
+    pdff_groups: list = []
+    slice_groups: list = []
     for stack, seg, measures in results:
+        frames = seg_frame_numbers(seg.dataset) if per_slice_groups else {}
         for m in measures:
-            if m.found and m.label in seg.segment_numbers:
-                groups.append(_measurement_group(seg, stack, m, bundle.label(m.label), bundle))
+            if not (m.found and m.label in seg.segment_numbers):
+                continue
+            info = bundle.label(m.label)
+            groups.append(_measurement_group(seg, stack, m, info, bundle))
+            if m.pdff_pct is not None:
+                pdff_groups.append(_dixon_group(seg, stack, m, info, bundle))
+            if per_slice_groups:
+                for k in m.present_slices:
+                    for dixon in (False, True):
+                        group = _slice_group(seg, frames, stack, m, info, bundle, k, dixon=dixon)
+                        if group is not None:
+                            slice_groups.append(group)
     if not groups:
         raise ValueError("no muscle was found in any stack: nothing to report")
+    groups += pdff_groups + slice_groups
     first_stack = results[0][0]
     device_uid = stable_uid("device", bundle.name, bundle.version)
     report = hd.sr.MeasurementReport(
@@ -177,7 +349,7 @@ def build_measurement_report(results: list[tuple[StackVolume, SegmentationResult
     )
     key = [first_stack.series_uid, bundle.weights_sha256] + [s.dataset.SOPInstanceUID for _, s, _ in results]
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[seg.dataset for _, seg, _ in results],
+        evidence=[seg.dataset for _, seg, _ in results] + [ds for stack, _, _ in results for ds in stack.datasets],
         content=report,
         series_instance_uid=stable_uid(*key, "sr-series"),
         series_number=settings.sr_series_number,

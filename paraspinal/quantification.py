@@ -1,38 +1,69 @@
 """Muscle size and intramuscular fat, per muscle and side, for one stack.
 
-Units: cross-sectional area (CSA) in mm² per slice, from PixelSpacing (0028,0030); volume
-in cm³ as the sum of slice CSAs times the slice step (distance between slice centres along
-the normal, from ImagePositionPatient), so a gap between slices counts as muscle like in the
-published method; fat fraction in % of the muscle's voxels.
+Units and definitions (what the SR, measurements.json/csv and the PDF report carry):
 
-Fat methods map the intensities inside one muscle to a per-voxel fat share in [0, 1]
-(0/1 for threshold methods); new methods register in :data:`FAT_METHODS`.
+* cross-sectional area (CSA) per slice, mm²: voxels of the muscle on the slice times the pixel
+  area from PixelSpacing (0028,0030);
+* fat CSA per slice, mm²: the sum of the voxels' fat shares (see :mod:`paraspinal.fat_methods`)
+  times the pixel area; lean CSA = CSA - fat CSA;
+* fat fraction per slice, %: fat CSA / CSA;
+* volume, cm³: sum of the slice CSAs times the slice step (distance between slice centres
+  along the normal, from ImagePositionPatient), so a gap between slices counts as muscle, as
+  in the published method;
+* volume-weighted fat fraction, %: fat shares summed over all the muscle's voxels of the stack
+  over its voxel count (equivalently the slice fat fractions weighted by slice CSA);
+* mean and maximum CSA, mm², over the slices that hold the muscle;
+* left/right asymmetry index, %: |R - L| / ((R + L) / 2) x 100 of the two sides' volumes in
+  the same stack (0 % symmetric), the same value on both sides; only when both sides are found
+  (a side not found may be a segmentation failure rather than an absent muscle);
+* simplified Goutallier grade (Baur et al.) from the volume-weighted fat fraction:
+  < 10 % "normal/mild", 10-50 % "moderate", > 50 % "severe" (10 % and 50 % are moderate);
+* PDFF, %: where the study has Dixon water and fat series on the same frame of reference,
+  the mean of the voxels' F / (W + F) inside the muscle (see :mod:`paraspinal.dixon`), per
+  slice and per stack, reported beside the T2 method's fat fraction.
+
+Slices are reported by position (``slice_z_mm``, LPS z of the slice centre, head +) and by
+lumbar level only where :mod:`paraspinal.levels` determined it (this version never does).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import numpy as np
-from skimage.filters import threshold_otsu
 
+from paraspinal.fat_methods import FAT_METHODS, FatResult, n4_bias_correct, separate_fat
+from paraspinal.fat_methods import fat_method as lookup_fat_method
+from paraspinal.levels import SliceLevels, determine_levels
 from paraspinal.model_bundle import LabelInfo
 from paraspinal.stacks import StackVolume
 
+__all__ = ["FAT_METHODS", "BIAS_CORRECTIONS", "GOUTALLIER_GRADES", "MuscleMeasurement", "asymmetry_index",
+           "goutallier_grade", "measure_stack"]
 
-def otsu_fat_share(values: np.ndarray) -> np.ndarray:
-    """Fat (1) where the intensity exceeds Otsu's threshold of the muscle's own histogram.
-
-    Fat is bright on T2 TSE. Otsu always splits the histogram in two, so even a lean muscle
-    gets some "fat": the published method's known bias, kept here as the reference method.
-    """
-    if values.size < 2 or float(values.min()) == float(values.max()):
-        return np.zeros(values.shape, dtype=np.float32)
-    return (values > threshold_otsu(values)).astype(np.float32)
+BIAS_CORRECTIONS = ("none", "n4")
+#: Simplified Goutallier grades (Baur et al.), from the fat fraction in %.
+GOUTALLIER_GRADES = ("normal/mild", "moderate", "severe")
+GOUTALLIER_MODERATE_FROM_PCT = 10.0  # >= 10 % is moderate
+GOUTALLIER_SEVERE_ABOVE_PCT = 50.0  # > 50 % is severe
 
 
-FAT_METHODS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"otsu": otsu_fat_share}
+def goutallier_grade(fat_fraction_pct: float | None) -> str | None:
+    """Simplified Goutallier grade of a fat fraction in %: < 10 normal/mild, 10-50 moderate, > 50 severe."""
+    if fat_fraction_pct is None:
+        return None
+    if fat_fraction_pct < GOUTALLIER_MODERATE_FROM_PCT:
+        return GOUTALLIER_GRADES[0]
+    if fat_fraction_pct <= GOUTALLIER_SEVERE_ABOVE_PCT:
+        return GOUTALLIER_GRADES[1]
+    return GOUTALLIER_GRADES[2]
+
+
+def asymmetry_index(right: float | None, left: float | None) -> float | None:
+    """|R - L| / ((R + L) / 2) x 100 (%); ``None`` when a side is unknown or both are zero."""
+    if right is None or left is None or right < 0 or left < 0 or right + left == 0:
+        return None
+    return 100.0 * abs(right - left) / ((right + left) / 2.0)
 
 
 @dataclass
@@ -40,7 +71,9 @@ class MuscleMeasurement:
     """Measures of one muscle on one side in one stack.
 
     Per-slice lists follow the stack's slice order (ascending along the slice normal);
-    ``slice_z_mm`` is the LPS z (head +) of each slice's centre.
+    ``slice_z_mm`` is the LPS z (head +) of each slice's centre; ``slice_level`` the lumbar level
+    where determined (else ``None``, see ``level_method``). Areas in mm², volume in cm³,
+    fractions in %.
     """
 
     label: int
@@ -50,18 +83,33 @@ class MuscleMeasurement:
     found: bool
     n_voxels: int
     fat_method: str
+    bias_correction: str = "none"
     slice_z_mm: list[float] = field(default_factory=list)
+    slice_level: list[str | None] = field(default_factory=list)
     slice_csa_mm2: list[float] = field(default_factory=list)
     slice_fat_csa_mm2: list[float] = field(default_factory=list)
+    slice_lean_csa_mm2: list[float] = field(default_factory=list)
     slice_fat_fraction_pct: list[float | None] = field(default_factory=list)
+    slice_pdff_pct: list[float | None] = field(default_factory=list)
     volume_cm3: float = 0.0
     mean_csa_mm2: float = 0.0
     max_csa_mm2: float = 0.0
     fat_fraction_pct: float | None = None
+    pdff_pct: float | None = None
+    asymmetry_index_pct: float | None = None
+    goutallier_grade: str | None = None
+    level_method: str = ""
+    pdff_source: dict | None = None
+    fat_method_details: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return f"{self.muscle} {self.side}"
+
+    @property
+    def present_slices(self) -> list[int]:
+        """Indices of the slices that hold this muscle."""
+        return [k for k, a in enumerate(self.slice_csa_mm2) if a > 0]
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -77,47 +125,119 @@ def _slice_centres_z(stack: StackVolume) -> list[float]:
     return out
 
 
+def _round_list(values, digits: int) -> list:
+    return [None if v is None else round(float(v), digits) for v in values]
+
+
+def _details(result: FatResult, label: int) -> dict:
+    details: dict = {}
+    if result.thresholds.get(label):
+        details["slice_threshold"] = _round_list(result.thresholds[label], 2)
+        details["slices_threshold_replaced"] = list(result.replaced.get(label, []))
+    if result.lean_reference.get(label):
+        details["slice_lean_reference"] = _round_list(result.lean_reference[label], 2)
+        details["slice_fat_reference"] = _round_list(result.fat_reference, 2)
+    if result.notes:
+        details["notes"] = list(result.notes)
+    return details
+
+
 def measure_stack(stack: StackVolume, labels: np.ndarray, label_table: tuple[LabelInfo, ...],
-                  fat_method: str = "otsu", min_voxels: int = 20) -> list[MuscleMeasurement]:
+                  fat_method: str = "otsu", min_voxels: int = 20, *, bias_correction: str = "none",
+                  pdff: np.ndarray | None = None, pdff_source: dict | None = None,
+                  levels: SliceLevels | None = None) -> list[MuscleMeasurement]:
     """Measure every label of ``label_table`` in one stack.
 
     Args:
         stack: the source volume; intensities are taken from ``stack.pixels``.
         labels: (slice, row, col) label volume on the stack's grid.
         label_table: labels to report, from the model bundle.
-        fat_method: key of :data:`FAT_METHODS`.
+        fat_method: key of :data:`paraspinal.fat_methods.FAT_METHODS`.
         min_voxels: below this many voxels a muscle is reported as not found.
+        bias_correction: ``"none"`` or ``"n4"`` (N4 on the stack before fat separation).
+        pdff: optional Dixon PDFF (0..1, NaN unknown) on the stack's grid.
+        pdff_source: where ``pdff`` came from (series UIDs), carried into the results.
+        levels: per-slice lumbar levels; default: unknown (reported by slice position).
     """
     if labels.shape != stack.pixels.shape:
         raise ValueError(f"label volume {labels.shape} does not match the stack {stack.pixels.shape}")
-    try:
-        fat_share_of = FAT_METHODS[fat_method]
-    except KeyError:
-        raise ValueError(f"unknown fat method {fat_method!r}; known: {', '.join(FAT_METHODS)}") from None
+    lookup_fat_method(fat_method)  # fails early, naming the known methods
+    if bias_correction not in BIAS_CORRECTIONS:
+        raise ValueError(f"unknown bias correction {bias_correction!r}; known: {', '.join(BIAS_CORRECTIONS)}")
+    if pdff is not None and pdff.shape != stack.pixels.shape:
+        raise ValueError(f"PDFF volume {pdff.shape} does not match the stack {stack.pixels.shape}")
+    levels = levels or determine_levels(stack.n_slices)
     z = _slice_centres_z(stack)
     area = stack.pixel_area_mm2
+    counts = {info.value: int((labels == info.value).sum()) for info in label_table}
+    found = tuple(info.value for info in label_table if counts[info.value] >= min_voxels)
+    image = stack.pixels
+    if found and bias_correction == "n4":
+        image = n4_bias_correct(image, (stack.slice_step_mm or 1.0, *stack.pixel_spacing_mm))
+    fat = (separate_fat(image, labels, found, fat_method, stack.pixel_spacing_mm) if found
+           else FatResult(share=np.zeros(labels.shape, dtype=np.float32)))
     results = []
     for info in label_table:
         mask = labels == info.value
-        n_voxels = int(mask.sum())
-        result = MuscleMeasurement(info.value, info.muscle, info.side, stack.index, n_voxels >= min_voxels,
-                                   n_voxels, fat_method, slice_z_mm=z)
-        share = np.zeros(stack.pixels.shape, dtype=np.float32)
-        if result.found:
-            share[mask] = fat_share_of(stack.pixels[mask])
+        n_voxels = counts[info.value]
+        is_found = info.value in found
+        result = MuscleMeasurement(info.value, info.muscle, info.side, stack.index, is_found, n_voxels,
+                                   fat_method, bias_correction, slice_z_mm=z, slice_level=list(levels.levels),
+                                   level_method=levels.method,
+                                   pdff_source=pdff_source if pdff is not None else None)
         per_slice_voxels = mask.sum(axis=(1, 2))
-        per_slice_fat = share.sum(axis=(1, 2))
+        per_slice_fat = np.where(mask, fat.share, 0.0).sum(axis=(1, 2)) if is_found else np.zeros(stack.n_slices)
         result.slice_csa_mm2 = [round(float(v) * area, 2) for v in per_slice_voxels]
-        result.slice_fat_csa_mm2 = [round(float(v) * area, 2) for v in per_slice_fat]
+        result.slice_fat_csa_mm2 = [round(float(f) * area, 2) for f in per_slice_fat]
+        result.slice_lean_csa_mm2 = [round(float(v - f) * area, 2) for v, f in zip(per_slice_voxels, per_slice_fat)]
         result.slice_fat_fraction_pct = [
-            round(100.0 * float(f) / float(v), 2) if v > 0 and result.found else None
+            round(100.0 * float(f) / float(v), 2) if v > 0 and is_found else None
             for v, f in zip(per_slice_voxels, per_slice_fat)
         ]
-        if result.found:
+        result.slice_pdff_pct = [None] * stack.n_slices
+        if is_found:
             present = per_slice_voxels > 0
             result.volume_cm3 = round(float(per_slice_voxels.sum()) * stack.voxel_volume_mm3 / 1000.0, 3)
             result.mean_csa_mm2 = round(float(per_slice_voxels[present].mean()) * area, 2)
             result.max_csa_mm2 = round(float(per_slice_voxels.max()) * area, 2)
-            result.fat_fraction_pct = round(100.0 * float(share[mask].sum()) / n_voxels, 2)
+            result.fat_fraction_pct = round(100.0 * float(per_slice_fat.sum()) / n_voxels, 2)
+            result.goutallier_grade = goutallier_grade(result.fat_fraction_pct)
+            result.fat_method_details = _details(fat, info.value)
+            if pdff is not None:
+                result.slice_pdff_pct, result.pdff_pct = _pdff_in_mask(pdff, mask)
         results.append(result)
+    _set_asymmetry(results)
     return results
+
+
+def _pdff_in_mask(pdff: np.ndarray, mask: np.ndarray) -> tuple[list[float | None], float | None]:
+    """Mean PDFF (%) per slice and over the whole mask, where at least MIN_COVERAGE of it is known."""
+    from paraspinal.dixon import MIN_COVERAGE
+
+    per_slice = []
+    for k in range(mask.shape[0]):
+        values = pdff[k][mask[k]]
+        known = values[np.isfinite(values)]
+        per_slice.append(round(100.0 * float(known.mean()), 2)
+                         if values.size and known.size >= MIN_COVERAGE * values.size else None)
+    values = pdff[mask]
+    known = values[np.isfinite(values)]
+    overall = (round(100.0 * float(known.mean()), 2) if values.size and known.size >= MIN_COVERAGE * values.size
+               else None)
+    return per_slice, overall
+
+
+def _set_asymmetry(results: list[MuscleMeasurement]) -> None:
+    """Volume asymmetry index of each muscle found on both sides (same value on both); none when a
+    side is not found."""
+    by_muscle: dict[str, dict[str, MuscleMeasurement]] = {}
+    for m in results:
+        by_muscle.setdefault(m.muscle, {})[m.side] = m
+    for sides in by_muscle.values():
+        right, left = sides.get("right"), sides.get("left")
+        if right is None or left is None or not (right.found and left.found):
+            continue  # a side not found may be a segmentation failure, not an absent muscle
+        index = asymmetry_index(right.volume_cm3, left.volume_cm3)
+        for m in (right, left):
+            if m.found:
+                m.asymmetry_index_pct = None if index is None else round(index, 2)

@@ -26,7 +26,8 @@ _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 MEASUREMENT_COLUMNS = [
     "study_instance_uid", "series_instance_uid", "stack", "label", "muscle", "side", "found",
-    "volume_cm3", "mean_csa_mm2", "max_csa_mm2", "fat_fraction_pct", "fat_method", "n_slices_with_muscle",
+    "volume_cm3", "mean_csa_mm2", "max_csa_mm2", "fat_fraction_pct", "fat_method", "bias_correction",
+    "goutallier_grade", "asymmetry_index_pct", "pdff_pct", "n_slices_with_muscle", "level_method",
 ]
 
 
@@ -61,7 +62,12 @@ def measurement_rows(study_uid: str, stacks: list[dict[str, Any]]) -> list[dict[
                 "max_csa_mm2": m["max_csa_mm2"] if m["found"] else "",
                 "fat_fraction_pct": m["fat_fraction_pct"] if m["found"] else "",
                 "fat_method": m["fat_method"],
+                "bias_correction": m.get("bias_correction", ""),
+                "goutallier_grade": m.get("goutallier_grade") or "",
+                "asymmetry_index_pct": "" if m.get("asymmetry_index_pct") is None else m["asymmetry_index_pct"],
+                "pdff_pct": "" if m.get("pdff_pct") is None else m["pdff_pct"],
                 "n_slices_with_muscle": sum(1 for v in m["slice_csa_mm2"] if v > 0),
+                "level_method": m.get("level_method", ""),
             })
     return rows
 

@@ -15,6 +15,7 @@ from pydicom.uid import UID
 
 from app.config import SelectionRules
 from paraspinal.dicom_index import SeriesRecord, StudyRecord
+from paraspinal.dixon import dixon_kind
 from paraspinal.stacks import StackError, StackPlan, plan_stacks, slice_geometry
 
 MR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.4")
@@ -103,6 +104,10 @@ def judge_series(series: SeriesRecord, rules: SelectionRules) -> SeriesDecision:
     excluded = sorted(image_type & {t.upper() for t in rules.excluded_image_types})
     if excluded:
         return reject(f"ImageType contains {'/'.join(excluded)}")
+    kind, why = dixon_kind(series)
+    if kind is not None and why.startswith("ImageType"):
+        # Only ImageType decides: a description alone never rules a series out.
+        return reject(f"Dixon {kind} image ({why}); used as the fat reference, not as the T2")
     try:
         geometry = slice_geometry(first)
     except StackError as exc:

@@ -86,3 +86,16 @@ def test_single_slice_series_is_rejected_as_too_short(mixed_study, config, tmp_p
     selection = select_series(only_study(tmp_path), config.selection)
     assert selection.chosen is None
     assert "too few slices" in selection.decisions[0].reason
+
+
+def test_dixon_water_image_marked_in_image_type_is_not_taken_as_the_t2(mixed_study, config, tmp_path):
+    """A T2 TSE Dixon water image can have T2 timing; its ImageType (W) rules it out."""
+    import pydicom
+
+    for path in mixed_study.t2_paths:
+        ds = pydicom.dcmread(path)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "W", "DIXON"]
+        ds.save_as(tmp_path / path.name)
+    selection = select_series(only_study(tmp_path), config.selection)
+    assert selection.chosen is None
+    assert "Dixon water image" in selection.decisions[0].reason
