@@ -1,0 +1,368 @@
+"""Fast tests of the training package (tiny networks, a few iterations; < 90 s in all).
+
+They need the shared real fixtures (../shared/data/real) for the training-run tests and
+skip those when the folder is absent.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.losses import DiceCELoss
+from scipy import ndimage
+
+from paraspinal.model_bundle import load_bundle, parse_labels
+from training.data import REAL_DATA_DIR, LoadedCase, case_slices, real_cases, site_cases, to_model_space
+from training.labels import LABELS_JSON, NUM_CLASSES
+from training.losses import MarginalDiceCELoss
+from training.metrics import binary_metrics, label_metrics
+from training.postprocess import postprocess_labels
+
+HAS_REAL = (REAL_DATA_DIR / "musclemap_sub0001_image.nii.gz").is_file()
+needs_real = pytest.mark.skipif(not HAS_REAL, reason="shared real fixtures not present")
+TINY = ["--channels", "4", "8", "16", "--batch-size", "2", "--threads", "1"]
+
+
+# ------------------------------------------------------------------ loss
+def _confident_logits(classes: torch.Tensor, num_classes: int = NUM_CLASSES, margin: float = 8.0) -> torch.Tensor:
+    """(B, C, H, W) logits that predict ``classes`` (B, H, W) with high confidence."""
+    return torch.nn.functional.one_hot(classes, num_classes).movedim(-1, 1).float() * margin
+
+
+def test_marginal_loss_equals_monai_dicece_when_fully_labelled():
+    torch.manual_seed(0)
+    logits = torch.randn(3, NUM_CLASSES, 24, 24)
+    target = torch.randint(0, NUM_CLASSES, (3, 1, 24, 24))
+    expected = DiceCELoss(to_onehot_y=True, softmax=True)(logits, target)
+    assert torch.allclose(MarginalDiceCELoss()(logits, target), expected, atol=1e-5)
+
+
+def test_marginal_loss_batch_dice_equals_monai_batch_dicece():
+    torch.manual_seed(1)
+    logits = torch.randn(4, NUM_CLASSES, 16, 16)
+    target = torch.randint(0, NUM_CLASSES, (4, 1, 16, 16))
+    expected = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)(logits, target)
+    assert torch.allclose(MarginalDiceCELoss(batch=True)(logits, target), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_marginal_loss_psoas_prediction_free_in_either_dice_mode(batch: bool):
+    target = torch.zeros(2, 1, 32, 32, dtype=torch.long)
+    target[..., 4:12, 4:12] = 1
+    target[1, :, 20:28, 20:28] = 5  # the fully labelled sample has psoas there
+    pred_bg = target[:, 0].clone()
+    pred_bg[0, 20:28, 20:28] = 0
+    pred_psoas = pred_bg.clone()
+    pred_psoas[0, 20:28, 20:28] = 5  # psoas predicted in the partially labelled sample
+    labelled = torch.tensor([[1, 1, 1, 1, 1, 0, 0, 0, 0], [1] * 9], dtype=torch.float32)
+    loss = MarginalDiceCELoss(batch=batch)
+    assert torch.allclose(loss(_confident_logits(pred_psoas), target, labelled),
+                          loss(_confident_logits(pred_bg), target, labelled), atol=1e-6)
+
+
+def test_marginal_loss_psoas_prediction_free_only_where_psoas_is_unlabelled():
+    # Reference: multifidus R (1) in a block, everything else 0.
+    target = torch.zeros(1, 1, 32, 32, dtype=torch.long)
+    target[..., 4:12, 4:12] = 1
+    as_background = target[:, 0].clone()
+    with_psoas = as_background.clone()
+    with_psoas[:, 20:28, 20:28] = 5  # psoas R predicted where the reference says 0
+    myosegmentum = torch.tensor([[1, 1, 1, 1, 1, 0, 0, 0, 0]], dtype=torch.float32)
+    musclemap = torch.ones(1, NUM_CLASSES)
+    loss = MarginalDiceCELoss()
+    free = loss(_confident_logits(with_psoas), target, myosegmentum)
+    baseline = loss(_confident_logits(as_background), target, myosegmentum)
+    assert torch.allclose(free, baseline, atol=1e-6)  # costs nothing where psoas is not annotated
+    costly = loss(_confident_logits(with_psoas), target, musclemap)
+    assert costly > loss(_confident_logits(as_background), target, musclemap) + 0.5
+
+    # Psoas predicted inside the labelled multifidus still costs, even for MyoSegmenTUM.
+    inside = as_background.clone()
+    inside[:, 4:12, 4:12] = 5
+    assert loss(_confident_logits(inside), target, myosegmentum) > baseline + 0.5
+
+
+def test_side_agnostic_term_rewards_the_right_muscle_on_the_wrong_side():
+    target = torch.zeros(1, 1, 32, 32, dtype=torch.long)
+    target[..., 8:20, 8:20] = 5  # psoas R
+    wrong_side = target[:, 0].clone()
+    wrong_side[wrong_side == 5] = 6
+    missed = torch.zeros_like(wrong_side)
+    plain, aware = MarginalDiceCELoss(batch=True), MarginalDiceCELoss(batch=True, lambda_side_agnostic=0.5)
+    gap_plain = plain(_confident_logits(missed), target) - plain(_confident_logits(wrong_side), target)
+    gap_aware = aware(_confident_logits(missed), target) - aware(_confident_logits(wrong_side), target)
+    assert gap_aware > gap_plain + 0.1  # the muscle type is right, only the side is wrong
+    assert aware(_confident_logits(target[:, 0]), target) < aware(_confident_logits(wrong_side), target)
+
+
+def test_marginal_loss_rejects_target_of_unlabelled_class():
+    target = torch.full((1, 1, 8, 8), 6, dtype=torch.long)
+    with pytest.raises(ValueError):
+        MarginalDiceCELoss()(torch.zeros(1, NUM_CLASSES, 8, 8), target, torch.tensor([[1.0] * 5 + [0.0] * 4]))
+
+
+# ------------------------------------------------------------------ metrics
+def _squares() -> tuple[np.ndarray, np.ndarray]:
+    """Two 10x10 squares on a 30x30 grid overlapping in 5x10 pixels."""
+    a = np.zeros((30, 30), dtype=bool)
+    b = np.zeros((30, 30), dtype=bool)
+    a[5:15, 10:20] = True
+    b[10:20, 10:20] = True
+    return a, b
+
+
+def _assd_reference(a: np.ndarray, b: np.ndarray, spacing: tuple[float, ...]) -> float:
+    """Independent ASSD: boundary = mask minus its erosion; mean over both boundaries."""
+    edge_a = a & ~ndimage.binary_erosion(a)
+    edge_b = b & ~ndimage.binary_erosion(b)
+    to_b = ndimage.distance_transform_edt(~edge_b, sampling=spacing)
+    to_a = ndimage.distance_transform_edt(~edge_a, sampling=spacing)
+    distances = np.concatenate([to_b[edge_a], to_a[edge_b]])
+    return float(distances.mean())
+
+
+def test_metrics_on_two_overlapping_squares():
+    a, b = _squares()  # prediction a, reference b: TP 50, FP 50, FN 50, TN 900 - 150 = 750
+    m = binary_metrics(a, b, (1.0, 1.0))
+    assert m["dice"] == pytest.approx(0.5)
+    assert m["jaccard"] == pytest.approx(1 / 3)
+    assert m["conformity"] == pytest.approx(-1.0)  # (3 * 0.5 - 2) / 0.5
+    assert m["tpr"] == pytest.approx(0.5)
+    assert m["ppv"] == pytest.approx(0.5)
+    assert m["tnr"] == pytest.approx(750 / 800)
+    assert m["volume_ratio"] == pytest.approx(1.0)
+    assert m["volume_ref_ml"] == pytest.approx(100 / 1000)
+    assert m["assd_mm"] == pytest.approx(_assd_reference(a, b, (1.0, 1.0)), rel=1e-5)
+    # Physical units: doubling the spacing doubles distances and multiplies areas by 4.
+    m2 = binary_metrics(a, b, (2.0, 2.0))
+    assert m2["assd_mm"] == pytest.approx(2 * m["assd_mm"], rel=1e-5)
+    assert m2["volume_ref_ml"] == pytest.approx(4 * m["volume_ref_ml"])
+
+
+def test_identical_masks_and_unevaluated_labels():
+    ref = np.zeros((20, 20, 3), dtype=np.uint8)
+    ref[2:8, 2:8] = 1
+    pred = ref.copy()
+    pred[12:18, 12:18] = 5  # a label the reference does not annotate: not counted against label 1
+    (row,) = label_metrics(pred, ref, [1], (1.0, 1.0, 4.0))
+    assert row["dice"] == pytest.approx(1.0)
+    assert row["assd_mm"] == pytest.approx(0.0)
+    assert row["volume_ref_ml"] == pytest.approx(36 * 3 * 4 / 1000)
+
+
+# ------------------------------------------------------------------ post-processing
+def test_postprocess_keeps_largest_component_and_fills_holes_into_background_only():
+    labels = np.zeros((40, 40, 5), dtype=np.uint8)
+    labels[5:20, 5:20, :] = 1
+    labels[10, 10, 2] = 0  # a hole (fatty streak) inside muscle 1
+    labels[12, 12, 2] = 3  # a voxel of another muscle inside muscle 1: must survive
+    labels[30:33, 30:33, 1:3] = 1  # a small island of label 1: removed
+    out = postprocess_labels(labels, (0.9, 0.9, 4.4))
+    assert out[10, 10, 2] == 1
+    assert out[12, 12, 2] == 3
+    assert not (out[30:33, 30:33] == 1).any()
+    assert out.dtype == labels.dtype and out.shape == labels.shape
+
+
+def test_postprocess_fills_holes_across_the_thick_slice_axis_only():
+    # Slice axis = the largest spacing, here axis 0 (a (slice, row, col) array).
+    labels = np.zeros((4, 12, 12), dtype=np.uint8)
+    labels[:, 2:10, 2:10] = 2
+    labels[1, 5:7, 5:7] = 0
+    out = postprocess_labels(labels, (4.0, 0.8, 0.8))
+    assert (out[1, 5:7, 5:7] == 2).all()
+
+
+# ------------------------------------------------------------------ data
+@needs_real
+def test_real_cases_are_in_patient_laterality_in_model_space():
+    case = real_cases()["myosegmentum_tum01"].load()
+    assert set(np.unique(case.label)) == {0, 1, 2, 3, 4}  # remapped to the bundle numbering
+    label = to_model_space(case)["label"][0].numpy()
+    centre_i = {v: np.argwhere(label == v)[:, 0].mean() for v in (1, 2, 3, 4)}
+    # RAS: voxel axis 0 increases towards the patient's right.
+    assert centre_i[1] > centre_i[2] and centre_i[3] > centre_i[4]
+    assert centre_i[3] > centre_i[1]  # erector spinae lateral to multifidus
+
+
+def test_site_cases_read_pairs_and_dataset_json(tmp_path: Path):
+    affine = np.diag([0.8, 0.8, 4.0, 1.0])
+    image = np.random.default_rng(0).uniform(1, 100, (32, 32, 4)).astype(np.float32)
+    label = np.zeros((32, 32, 4), dtype=np.uint8)
+    label[4:10, 4:10] = 1
+    label[20:26, 4:10] = 2
+    nib.save(nib.Nifti1Image(image, affine), str(tmp_path / "s01_image.nii.gz"))
+    nib.save(nib.Nifti1Image(label, affine), str(tmp_path / "s01_label.nii.gz"))
+    (tmp_path / "dataset.json").write_text(json.dumps({"label_map": {"1": 3, "2": 1},
+                                                       "labelled_classes": [0, 1, 2, 3, 4]}))
+    cases = site_cases(tmp_path)
+    loaded = cases["site:s01"].load()
+    assert set(np.unique(loaded.label)) == {0, 1, 3}
+    assert loaded.labelled_classes == (0, 1, 2, 3, 4)
+    items = case_slices(loaded).items
+    assert len(items) == 4 and items[0]["image"].shape == (1, 26, 26)  # 32 x 0.8 mm -> 1 mm grid
+
+
+# ------------------------------------------------------------------ training, export, evaluation
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory) -> Path:
+    if not HAS_REAL:
+        pytest.skip("shared real fixtures not present")
+    from training.train import main
+
+    root = tmp_path_factory.mktemp("tiny")
+    bundle = root / "bundle"
+    rc = main(["--out", str(root / "run"), "--cases", "musclemap_sub0001", "--holdout", "myosegmentum_tum01",
+               "--iterations", "3", "--checkpoint-every", "3", *TINY, "--export", str(bundle)])
+    assert rc == 0
+    return bundle
+
+
+def test_tiny_training_run_produces_a_loadable_bundle(tiny_bundle: Path):
+    bundle = load_bundle(tiny_bundle, "cpu")
+    assert bundle.num_classes == NUM_CLASSES
+    with torch.no_grad():
+        out = bundle.network(torch.zeros(2, 1, 64, 48))
+    assert tuple(out.shape) == (2, NUM_CLASSES, 64, 48)
+    meta = bundle.metadata
+    reference = json.loads(LABELS_JSON.read_text())
+    assert meta["labels"] == reference["labels"] and meta["laterality"] == reference["laterality"]
+    assert parse_labels(meta)[0].name == "multifidus right"
+    for key in ("name", "version", "description", "authors", "license", "monai_version", "pytorch_version",
+                "task", "network_data_format", "network_def", "preprocessing", "postprocessing", "training",
+                "evaluation"):
+        assert key in meta, key
+    assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == NUM_CLASSES
+    assert meta["preprocessing"]["roi_size"] == [256, 256] and meta["preprocessing"]["orientation"] == "RAS"
+    assert meta["training"]["iterations"] == 3 and meta["training"]["held_out"] == ["myosegmentum_tum01"]
+    assert (tiny_bundle / "docs" / "README.md").read_text().count("RESEARCH USE ONLY") == 1
+
+
+def test_resume_continues_exactly(tmp_path: Path):
+    if not HAS_REAL:
+        pytest.skip("shared real fixtures not present")
+    from training.train import main
+
+    common = ["--cases", "musclemap_sub0001", "--checkpoint-every", "2", *TINY]
+    assert main(["--out", str(tmp_path / "full"), "--iterations", "4", *common]) == 0
+    assert main(["--out", str(tmp_path / "split"), "--iterations", "4", "--stop-at", "2", *common]) == 0
+    assert torch.load(str(tmp_path / "split" / "checkpoint.pt"), weights_only=False)["iteration"] == 2
+    assert main(["--out", str(tmp_path / "split"), "--iterations", "4", "--resume", *common]) == 0
+    full = torch.load(str(tmp_path / "full" / "checkpoint.pt"), weights_only=False)
+    split = torch.load(str(tmp_path / "split" / "checkpoint.pt"), weights_only=False)
+    assert split["iteration"] == full["iteration"] == 4
+    for key, value in full["model"].items():
+        assert torch.equal(value, split["model"][key]), key
+
+
+def test_evaluation_inference_returns_probabilities_on_the_source_grid(tiny_bundle: Path):
+    from training.evaluate import predict_probabilities
+
+    rng = np.random.default_rng(1)
+    # An oblique-free LPS-like grid (axis 0 to the patient's left), as the real files are.
+    affine = np.array([[-0.9, 0, 0, 100], [0, -0.9, 0, 90], [0, 0, 4.5, -20], [0, 0, 0, 1.0]])
+    case = LoadedCase("toy", rng.uniform(0, 500, (70, 60, 3)).astype(np.float32), None, affine, (0,), "toy")
+    probs = predict_probabilities(case, load_bundle(tiny_bundle, "cpu"))
+    assert probs.shape == (NUM_CLASSES, 70, 60, 3)
+    assert np.allclose(probs.sum(axis=0), 1.0, atol=1e-3)
+
+
+# ------------------------------------------------------------------ MuscleMap import
+def test_musclemap_import_maps_labels(tmp_path: Path):
+    """Shapes and label mapping only: no MuscleMap weights are available here, so the
+    state_dict is a freshly initialised MuscleMap-architecture UNet (random weights). This
+    checks the conversion, not the model's quality."""
+    from training.import_musclemap import MUSCLEMAP_CHANNELS, import_checkpoint
+    from training.network import build_network, network_def
+
+    torch.manual_seed(0)
+    source = build_network(network_def(MUSCLEMAP_CHANNELS)).eval()
+    path = tmp_path / "musclemap.pth"
+    torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, str(path))  # DataParallel-style keys
+    order = [0, 2, 1, 4, 3, 6, 5, 8, 7]  # e.g. a checkpoint numbering left before right
+    bundle_dir = import_checkpoint(path, tmp_path / "bundle", channel_order=order)
+    bundle = load_bundle(bundle_dir, "cpu")
+    assert [info.name for info in bundle.labels][:2] == ["multifidus right", "multifidus left"]
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        raw = source(x)
+        out = bundle.network(x)
+    assert tuple(out.shape) == (1, NUM_CLASSES, 64, 64)
+    for label, channel in enumerate(order):
+        assert torch.allclose(out[:, label], raw[:, channel], atol=1e-4)
+    assert bundle.metadata["network_def"]["channels"] == list(MUSCLEMAP_CHANNELS)
+
+    torch.save({"bogus.weight": torch.zeros(1)}, str(tmp_path / "bad.pth"))
+    with pytest.raises(ValueError):
+        import_checkpoint(tmp_path / "bad.pth", tmp_path / "bad_bundle")
+
+
+# ------------------------------------------------------------------ site data as DICOM + SEG
+def test_site_dicom_series_with_seg_loads_on_the_nifti_grid(tmp_path: Path):
+    import highdicom as hd
+    import pydicom
+
+    from paraspinal.nifti_to_dicom import dicom_grid, nifti_to_dicom_series
+    from training.site_dicom import label_from_text
+
+    assert label_from_text("Multifidus right") == 1 and label_from_text("erector_spinae_L") == 4
+    assert label_from_text("psoas") is None  # no side: refuse rather than guess
+
+    # LPS-like NIfTI grid (voxel axis 0 towards the patient's left), as the real fixtures.
+    affine = np.array([[-0.9, 0, 0, 40.0], [0, -0.9, 0, 30.0], [0, 0, 4.0, -10.0], [0, 0, 0, 1]])
+    image = np.random.default_rng(0).uniform(50, 500, (24, 20, 3)).astype(np.float32)
+    label = np.zeros(image.shape, dtype=np.uint8)
+    label[3:8, 4:9, :] = 1   # multifidus R
+    label[14:20, 6:12, 1:] = 4  # erector spinae L
+    case_dir = tmp_path / "c01"
+    paths = nifti_to_dicom_series(nib.Nifti1Image(image, affine), case_dir / "image")
+    sources = [pydicom.dcmread(str(p)) for p in paths]
+    segment_numbers = np.zeros(label.shape, dtype=np.uint8)
+    segment_numbers[label == 1] = 1
+    segment_numbers[label == 4] = 2
+    muscle = hd.sr.CodedConcept("127954009", "SCT", "Skeletal muscle")
+    category = hd.sr.CodedConcept("91723000", "SCT", "Anatomical Structure")
+    descriptions = [
+        hd.seg.SegmentDescription(segment_number=n, segment_label=text, segmented_property_category=category,
+                                  segmented_property_type=muscle,
+                                  algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+        for n, text in ((1, "Multifidus right"), (2, "Erector spinae left"))
+    ]
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=dicom_grid(segment_numbers),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(), series_number=99, sop_instance_uid=hd.UID(), instance_number=1,
+        manufacturer="test", manufacturer_model_name="test", software_versions="0", device_serial_number="0")
+    seg.save_as(str(case_dir / "seg.dcm"))
+
+    loaded = site_cases(tmp_path)["site:c01"].load()
+    assert loaded.image.shape == image.shape
+    assert np.array_equal(loaded.label, label)
+    assert np.allclose(loaded.affine_ras, affine, atol=1e-3)
+    # The test writer stores floats as scaled uint16, so compare up to a linear map.
+    assert np.corrcoef(loaded.image.ravel(), image.ravel())[0, 1] > 0.999
+
+
+def test_fine_tune_from_bundle_on_site_nifti(tiny_bundle: Path, tmp_path: Path):
+    from training.train import main
+
+    affine = np.diag([-0.8, -0.8, 4.0, 1.0])
+    rng = np.random.default_rng(2)
+    site = tmp_path / "site"
+    site.mkdir()
+    image = rng.uniform(10, 300, (80, 70, 3)).astype(np.float32)
+    label = np.zeros(image.shape, dtype=np.uint8)
+    label[20:40, 30:50] = 3
+    nib.save(nib.Nifti1Image(image, affine), str(site / "p1_image.nii.gz"))
+    nib.save(nib.Nifti1Image(label, affine), str(site / "p1_label.nii.gz"))
+    out = tmp_path / "ft"
+    assert main(["--out", str(out), "--data-dir", str(site), "--cases", "--holdout", "--init", str(tiny_bundle),
+                 "--iterations", "2", "--checkpoint-every", "2", *TINY, "--export", str(tmp_path / "ft_bundle")]) == 0
+    meta = load_bundle(tmp_path / "ft_bundle", "cpu").metadata
+    assert meta["training"]["data"][0].startswith("site:p1")
+    assert meta["training"]["recipe"]["init"] == str(tiny_bundle)

@@ -1,0 +1,83 @@
+"""Compare evaluation runs (ablations, folds) and optionally record them in a bundle's card.
+
+Each ``--run NAME=PATH`` points at an ``evaluation.json`` written by
+:mod:`training.evaluate`; the table has one row per run, case and variant (post-processed
+or raw arg-max) with the mean over the evaluated labels, and per-label Dice columns.
+
+Usage::
+
+    python -m training.compare --title "Contrast augmentation vs none" \\
+        --run contrast=output/evaluation/a/evaluation.json --run none=output/evaluation/b/evaluation.json \\
+        --out output/evaluation/compare_augmentation.md [--into-bundle models/paraspinal_t2ax]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from paraspinal.model_bundle import read_metadata
+from training.model_card import metric_table
+
+
+def comparison_rows(runs: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Mean rows (label -1) of every run/case/variant, named ``run · case · variant``."""
+    rows = []
+    for name, report in runs:
+        for case in report["cases"]:
+            for variant, key in (("post-processed", "rows"), ("raw", "raw_rows")):
+                mean = dict(next(r for r in case[key] if r["label"] == -1))
+                mean["name"] = f"{name} · {case['case']} · {variant}"
+                rows.append(mean)
+    return rows
+
+
+def per_label_dice(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """Markdown table: post-processed Dice per label (columns) for every run and case."""
+    lines = []
+    for name, report in runs:
+        for case in report["cases"]:
+            labels = [r for r in case["rows"] if r["label"] != -1]
+            if not lines:
+                lines.append("| run · case | " + " | ".join(r["name"] for r in labels) + " |")
+                lines.append("|---|" + "---|" * len(labels))
+            cells = ["n/a" if r.get("dice") is None else f"{r['dice']:.3f}" for r in labels]
+            lines.append(f"| {name} · {case['case']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("--title", required=True)
+    p.add_argument("--text", default="", help="one paragraph: what was compared, on which data")
+    p.add_argument("--run", action="append", required=True, help="NAME=path/to/evaluation.json (repeatable)")
+    p.add_argument("--out", type=Path, required=True, help="markdown file to write")
+    p.add_argument("--into-bundle", type=Path, default=None,
+                   help="also store the table as a recipe check in this bundle's metadata and card")
+    args = p.parse_args(argv)
+    runs = []
+    for spec in args.run:
+        name, _, path = spec.partition("=")
+        runs.append((name, json.loads(Path(path).read_text())))
+    rows = comparison_rows(runs)
+    dice = per_label_dice(runs)
+    text = args.text + ("\n\n" if args.text else "") + "Post-processed Dice per label:\n\n" + dice
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(f"# {args.title}\n\n{text}\n\nMeans over the evaluated labels:\n\n{metric_table(rows)}\n")
+    if args.into_bundle:
+        from training.export import write_metadata
+
+        metadata = read_metadata(args.into_bundle)
+        evaluation = metadata.setdefault("evaluation", {"measured": False})
+        checks = [c for c in evaluation.get("recipe_checks", []) if c.get("title") != args.title]
+        checks.append({"title": args.title, "text": text + "\n\nMeans over the evaluated labels:", "rows": rows})
+        evaluation["recipe_checks"] = checks
+        write_metadata(args.into_bundle, metadata)
+    print(args.out.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

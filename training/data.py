@@ -1,0 +1,305 @@
+"""Training and evaluation cases: loading volumes and putting them into the model space.
+
+A *case* is one labelled volume: an image (I, J, K) on a voxel grid with a RAS affine
+(NIfTI / MONAI world: +x patient left->right, +y posterior->anterior, +z inferior->superior),
+a label map in the bundle numbering (see :mod:`training.labels`), and the set of classes
+its annotators actually labelled. A class that was not labelled in a case (psoas and
+quadratus lumborum in MyoSegmenTUM) is *unknown* there, not background: the loss treats
+it so (:mod:`training.losses`).
+
+Volumes go into the model space with the very transforms the application uses
+(:func:`paraspinal.preprocessing.model_space_transforms`: RAS, 1x1 mm in-plane, slice
+spacing kept, z-score over non-zero voxels), and 2D training slices are taken along
+voxel axis 2 of that RAS volume, i.e. ``vol[:, :, :, k]`` -> (1, I, J).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Protocol, Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from paraspinal.model_bundle import PreprocessingSpec
+from paraspinal.preprocessing import as_metatensor, model_space_transforms
+from training.labels import ALL_CLASSES, NUM_CLASSES
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The shared real fixtures live next to the project (../shared/data/real); the
+# environment variable lets a site point elsewhere without editing code.
+REAL_DATA_DIR = Path(os.environ.get("PARASPINAL_REAL_DATA", PROJECT_ROOT.parent / "shared" / "data" / "real"))
+
+# The model space every bundle trained here uses (the application reads it from metadata).
+MODEL_SPEC = PreprocessingSpec(
+    orientation="RAS",
+    pixdim_mm=(1.0, 1.0),
+    intensity="zscore_nonzero",
+    roi_size=(256, 256),
+    overlap=0.25,
+    blend_mode="gaussian",
+    sw_batch_size=16,
+)
+
+
+class CaseError(ValueError):
+    """A case cannot be loaded (missing file, grid mismatch, unknown label value)."""
+
+
+@dataclass(frozen=True)
+class LoadedCase:
+    """One volume on its source grid.
+
+    Attributes:
+        case_id: identifier used on the command line and in reports.
+        image: (I, J, K) float32 intensities on the source voxel grid.
+        label: (I, J, K) uint8 labels in the bundle numbering, or None (unlabelled image).
+        affine_ras: 4x4 voxel -> RAS world (mm) affine of the source grid.
+        labelled_classes: classes whose absence in ``label`` is meaningful (0 is always in).
+        source: one line saying where the data came from (for model cards and reports).
+    """
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray | None
+    affine_ras: np.ndarray
+    labelled_classes: tuple[int, ...]
+    source: str
+
+    @property
+    def spacing_mm(self) -> tuple[float, float, float]:
+        """Voxel spacing along voxel axes (I, J, K), mm (column norms of the affine)."""
+        return tuple(float(v) for v in np.linalg.norm(self.affine_ras[:3, :3], axis=0))  # type: ignore[return-value]
+
+
+class CaseSource(Protocol):
+    case_id: str
+
+    def load(self) -> LoadedCase: ...
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise CaseError(f"{path}: file not found")
+    image = nib.load(str(path))
+    return np.asanyarray(image.dataobj), np.asarray(image.affine, dtype=np.float64)
+
+
+def remap_labels(label: np.ndarray, label_map: Mapping[int, int], where: str) -> np.ndarray:
+    """Map source label values to the bundle numbering; an unknown non-zero value is an error."""
+    values = {int(v) for v in np.unique(label)} - {0}
+    unknown = values - set(label_map)
+    if unknown:
+        raise CaseError(f"{where}: label value(s) {sorted(unknown)} have no mapping to the bundle labels")
+    out = np.zeros(label.shape, dtype=np.uint8)
+    for source_value, bundle_value in label_map.items():
+        out[label == source_value] = bundle_value
+    return out
+
+
+@dataclass(frozen=True)
+class NiftiCase:
+    """A case stored as NIfTI files.
+
+    Attributes:
+        image_paths: one or more images on the same grid, summed voxel-wise (MyoSegmenTUM
+            water + fat approximates an in-phase image, where fat is bright as on T2 TSE).
+        label_path: label map on the same grid.
+        label_map: source label value -> bundle label value.
+        labelled_classes: bundle classes the annotation covers (0 implied).
+    """
+
+    case_id: str
+    image_paths: tuple[Path, ...]
+    label_path: Path | None
+    label_map: Mapping[int, int]
+    labelled_classes: tuple[int, ...]
+    source: str = ""
+
+    def load(self) -> LoadedCase:
+        image, affine = _read_nifti(self.image_paths[0])
+        image = image.astype(np.float32)
+        for extra in self.image_paths[1:]:
+            other, _ = _read_nifti(extra)
+            if other.shape != image.shape:
+                raise CaseError(f"{extra}: grid {other.shape} differs from {self.image_paths[0]} {image.shape}")
+            # The MyoSegmenTUM fat file carries a different origin in its header although it is
+            # the same acquisition and grid as the water image; the water/label affine is used.
+            image = image + other.astype(np.float32)
+        label = None
+        if self.label_path is not None:
+            raw, label_affine = _read_nifti(self.label_path)
+            if raw.shape != image.shape:
+                raise CaseError(f"{self.label_path}: grid {raw.shape} differs from the image {image.shape}")
+            if not np.allclose(label_affine[:3, :3], affine[:3, :3], atol=1e-3):
+                raise CaseError(f"{self.label_path}: voxel axes differ from the image's")
+            label = remap_labels(raw, self.label_map, str(self.label_path))
+        classes = tuple(sorted({0, *self.labelled_classes}))
+        return LoadedCase(self.case_id, image, label, affine, classes, self.source or self.case_id)
+
+
+def real_cases(data_dir: Path = REAL_DATA_DIR) -> dict[str, NiftiCase]:
+    """The shared real fixtures, by case id (see /work/shared/data/README.md)."""
+    return {
+        "musclemap_sub0001": NiftiCase(
+            case_id="musclemap_sub0001",
+            image_paths=(data_dir / "musclemap_sub0001_image.nii.gz",),
+            label_path=data_dir / "musclemap_sub0001_dseg.nii.gz",
+            label_map={v: v for v in range(1, NUM_CLASSES)},
+            labelled_classes=ALL_CLASSES,
+            source="MuscleMap sample sub-0001: axial lumbar TSE, 20 slices 0.94x0.94x4.4 mm, "
+            "8 muscle labels (MIT licence)",
+        ),
+        "myosegmentum_tum01": NiftiCase(
+            case_id="myosegmentum_tum01",
+            image_paths=(data_dir / "myosegmentum_tum01_water.nii.gz", data_dir / "myosegmentum_tum01_fat.nii.gz"),
+            label_path=data_dir / "myosegmentum_tum01_label.nii.gz",
+            # source: 1 ES R, 2 MF R, 3 MF L, 4 ES L -> bundle: 3, 1, 2, 4
+            label_map={1: 3, 2: 1, 3: 2, 4: 4},
+            labelled_classes=(0, 1, 2, 3, 4),
+            source="MyoSegmenTUM spine tum01 (Burian et al. 2019): Dixon water+fat (in-phase "
+            "approximation), 29 slices 1.02x1.02x4.0 mm, manual multifidus and erector spinae only",
+        ),
+    }
+
+
+def site_cases(data_dir: Path) -> dict[str, "NiftiCase | DicomSegCase"]:
+    """Site data for fine-tuning: ``<case>_image.nii.gz`` + ``<case>_label.nii.gz`` pairs, and
+    ``<case>/image/`` DICOM series + ``<case>/seg.dcm`` DICOM SEG folders.
+
+    Labels must use the bundle numbering unless ``dataset.json`` in ``data_dir`` says
+    otherwise (for SEG, segments are mapped from their label text unless ``segment_map`` or
+    a per-case ``label_map`` gives segment number -> bundle label)::
+
+        {"label_map": {"1": 3, "2": 1, ...},          # source value -> bundle value
+         "labelled_classes": [0, 1, 2, 3, 4],          # classes the annotation covers
+         "cases": {"<case>": {"label_map": ..., "labelled_classes": ...}}}   # per-case overrides
+
+    Images without a label file are skipped (they cannot be trained on).
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise CaseError(f"--data-dir {data_dir}: not a directory")
+    config: dict[str, Any] = {}
+    if (data_dir / "dataset.json").is_file():
+        config = json.loads((data_dir / "dataset.json").read_text())
+    cases: dict[str, NiftiCase | DicomSegCase] = {}
+    for image_path in sorted(data_dir.glob("*_image.nii*")):
+        case_id = image_path.name.split("_image.nii")[0]
+        suffix = image_path.name.split("_image")[1]
+        label_path = data_dir / f"{case_id}_label{suffix}"
+        if not label_path.is_file():
+            continue
+        override = config.get("cases", {}).get(case_id, {})
+        raw_map = override.get("label_map", config.get("label_map"))
+        label_map = {int(k): int(v) for k, v in raw_map.items()} if raw_map else {v: v for v in range(1, NUM_CLASSES)}
+        labelled = tuple(int(c) for c in override.get("labelled_classes", config.get("labelled_classes", ALL_CLASSES)))
+        cases[f"site:{case_id}"] = NiftiCase(
+            case_id=f"site:{case_id}",
+            image_paths=(image_path,),
+            label_path=label_path,
+            label_map=label_map,
+            labelled_classes=labelled,
+            source=f"site data {image_path.name}",
+        )
+    for folder in sorted(p for p in data_dir.iterdir() if p.is_dir()):
+        if (folder / "image").is_dir() and (folder / "seg.dcm").is_file():
+            override = config.get("cases", {}).get(folder.name, {})
+            raw_map = override.get("label_map", config.get("segment_map"))
+            cases[f"site:{folder.name}"] = DicomSegCase(
+                case_id=f"site:{folder.name}",
+                series_dir=folder / "image",
+                seg_path=folder / "seg.dcm",
+                label_map={int(k): int(v) for k, v in raw_map.items()} if raw_map else None,
+                labelled_classes=tuple(int(c) for c in override.get(
+                    "labelled_classes", config.get("labelled_classes", ALL_CLASSES))),
+            )
+    if not cases:
+        raise CaseError(f"--data-dir {data_dir}: no <case>_image.nii[.gz] with a matching <case>_label file "
+                        "and no <case>/image/ + <case>/seg.dcm folder")
+    return cases
+
+
+@dataclass(frozen=True)
+class DicomSegCase:
+    """A site case stored as an MR series folder plus a DICOM SEG (see training.site_dicom)."""
+
+    case_id: str
+    series_dir: Path
+    seg_path: Path
+    label_map: Mapping[int, int] | None
+    labelled_classes: tuple[int, ...]
+
+    def load(self) -> LoadedCase:
+        from training.site_dicom import dicom_seg_case
+
+        return dicom_seg_case(self.case_id, self.series_dir, self.seg_path, self.label_map, self.labelled_classes)
+
+
+def to_model_space(case: LoadedCase, spec: PreprocessingSpec = MODEL_SPEC) -> dict[str, Any]:
+    """The case in model space: ``{"image": MetaTensor (1, I, J, K), "label": ... (if any)}``.
+
+    Uses the shared, invertible preprocessing (orientation, in-plane spacing, z-score).
+    """
+    data: dict[str, Any] = {"image": as_metatensor(case.image, case.affine_ras)}
+    label_keys: tuple[str, ...] = ()
+    if case.label is not None:
+        data["label"] = as_metatensor(case.label, case.affine_ras)
+        label_keys = ("label",)
+    return model_space_transforms(spec, ("image",), label_keys)(data)
+
+
+@dataclass
+class SliceSet:
+    """2D training items of one case, plus a summary line for the model card."""
+
+    case_id: str
+    items: list[dict[str, Any]] = field(default_factory=list)
+    summary: str = ""
+
+
+def case_slices(case: LoadedCase, spec: PreprocessingSpec = MODEL_SPEC, only_labelled: bool = True) -> SliceSet:
+    """Axial 2D items ``vol[:, :, :, k]`` of a labelled case in model space.
+
+    Each item: ``image`` (1, I, J) float32 z-scored, ``label`` (1, I, J) int64 bundle
+    labels, ``labelled`` (NUM_CLASSES,) float32 1/0 per class, ``pad_value`` (the volume
+    minimum, the padding the application's inferer uses) and provenance keys.
+    Slices without any muscle label are skipped when ``only_labelled``: the annotation of
+    such a slice is often just absent rather than "no muscle here".
+    """
+    if case.label is None:
+        raise CaseError(f"{case.case_id}: no label map, cannot train on it")
+    data = to_model_space(case, spec)
+    image = data["image"].as_tensor().float()
+    label = data["label"].as_tensor().round().to(torch.int64)
+    labelled = torch.zeros(NUM_CLASSES, dtype=torch.float32)
+    labelled[list(case.labelled_classes)] = 1.0
+    pad_value = float(image.min())
+    items = []
+    for k in range(image.shape[-1]):
+        lab = label[..., k]
+        if only_labelled and not bool((lab > 0).any()):
+            continue
+        items.append(
+            {
+                "image": image[..., k].clone(),
+                "label": lab.clone(),
+                "labelled": labelled.clone(),
+                "pad_value": pad_value,
+                "case": case.case_id,
+                "slice": k,
+            }
+        )
+    summary = f"{case.case_id}: {len(items)} slices ({case.source})"
+    return SliceSet(case.case_id, items, summary)
+
+
+def check_held_out(train_ids: Sequence[str], eval_ids: Sequence[str]) -> None:
+    """Refuse a configuration that would evaluate on a case it trained on."""
+    overlap = sorted(set(train_ids) & set(eval_ids))
+    if overlap:
+        raise CaseError(f"case(s) {overlap} are both training and held-out evaluation data")

@@ -1,0 +1,266 @@
+"""Evaluate a bundle on labelled volumes it was not trained on.
+
+Inference is the application's path: shared preprocessing (RAS, 1x1 mm in-plane, z-score)
+-> MONAI ``SliceInferer`` (256x256 windows per axial slice, Gaussian blending) -> softmax ->
+``Invertd`` of the preprocessing back to the source voxel grid -> arg-max -> optional
+post-processing (:func:`training.postprocess.postprocess_labels`). Metrics are computed on
+the source grid with its own spacing (mm), per muscle and side (:mod:`training.metrics`).
+
+Usage::
+
+    python -m training.evaluate --bundle models/paraspinal_t2ax --case myosegmentum_tum01 \\
+        --out output/evaluation/paraspinal_t2ax [--update-bundle]
+
+Writes ``evaluation.md``, ``evaluation.csv``, ``evaluation.json`` and one overlay PNG per
+case into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: figures go to files only
+import matplotlib.pyplot as plt  # noqa: E402
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+from monai.inferers import SliceInferer  # noqa: E402
+from monai.transforms import Invertd  # noqa: E402
+
+from paraspinal.model_bundle import METADATA_RELPATH, ModelBundle, load_bundle, read_metadata  # noqa: E402
+from paraspinal.preprocessing import as_metatensor, model_space_transforms  # noqa: E402
+from training.data import CaseError, LoadedCase, real_cases, site_cases  # noqa: E402
+from training.metrics import label_metrics, mean_row  # noqa: E402
+from training.model_card import METRIC_COLUMNS, metric_table  # noqa: E402
+from training.postprocess import postprocess_labels  # noqa: E402
+
+METHOD = (
+    "Inference as in the application: shared preprocessing (RAS, 1x1 mm in-plane, z-score over non-zero "
+    "voxels), MONAI SliceInferer (256x256 windows per axial slice, Gaussian blending, padding with the volume "
+    "minimum as the application does), softmax, Invertd back to the source grid, arg-max, then post-processing "
+    "(largest 3D component per label + per-slice hole filling). Metrics per muscle and side on the source grid "
+    "(MONAI DiceMetric, MeanIoU, ConfusionMatrixMetric, SurfaceDistanceMetric with voxel spacing in mm; "
+    "conformity = (3 Dice - 2) / Dice; volume ratio = predicted / reference volume; mean boundary distance = "
+    "average symmetric surface distance). Only the labels the reference annotates are scored."
+)
+
+
+def predict_probabilities(case: LoadedCase, bundle: ModelBundle) -> np.ndarray:
+    """Softmax probabilities (C, I, J, K) on the case's source grid."""
+    spec = bundle.preprocessing
+    transforms = model_space_transforms(spec, ("image",))
+    data = transforms({"image": as_metatensor(case.image, case.affine_ras)})
+    image = data["image"]
+    inferer = SliceInferer(
+        spatial_dim=2,
+        roi_size=spec.roi_size,
+        sw_batch_size=spec.sw_batch_size,
+        overlap=spec.overlap,
+        mode=spec.blend_mode,
+        padding_mode="constant",
+        cval=float(image.min()),  # as paraspinal.segmentation pads
+        progress=False,
+    )
+    with bundle.lock, torch.inference_mode():
+        logits = inferer(image.as_tensor()[None].to(bundle.device), bundle.network)
+        probs = torch.softmax(logits.float(), dim=1)[0].cpu()
+    data["pred"] = image.__class__(probs, meta=image.meta, applied_operations=image.applied_operations)
+    inverted = Invertd(keys="pred", transform=transforms, orig_keys="image", nearest_interp=False,
+                       to_tensor=True)(data)
+    out = torch.as_tensor(inverted["pred"]).numpy()
+    if out.shape[1:] != case.image.shape:
+        raise RuntimeError(f"inverted prediction {out.shape[1:]} is not on the source grid {case.image.shape}")
+    return out
+
+
+def _display(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Reorient (I, J, K) to RAS, then to radiological display (rows anterior->posterior,
+    columns patient right->left, i.e. the patient's right on the viewer's left)."""
+    ornt = nib.orientations.io_orientation(affine)
+    ras = nib.orientations.apply_orientation(volume, ornt)
+    return ras.transpose(1, 0, 2)[::-1, ::-1, :]
+
+
+def overlay_figure(case: LoadedCase, pred: np.ndarray, path: Path, title: str) -> None:
+    """Three axial slices (25/50/75 % of the labelled extent): image, reference, prediction,
+    cropped to the labelled region; patient's right on the viewer's left, anterior up."""
+    from training.labels import label_table
+
+    colours = np.zeros((9, 4))
+    for key, entry in label_table()["labels"].items():
+        colours[int(key), :3] = np.asarray(entry["color_rgb"]) / 255.0
+        colours[int(key), 3] = 1.0
+    cmap = ListedColormap(colours)
+    image = _display(case.image, case.affine_ras)
+    ref = _display(case.label, case.affine_ras)
+    prd = _display(pred, case.affine_ras)
+    labelled = np.flatnonzero(ref.reshape(-1, ref.shape[2]).any(axis=0))
+    picks = [int(labelled[int(round(q * (len(labelled) - 1)))]) for q in (0.25, 0.5, 0.75)] if len(labelled) else [0]
+    # Crop to the labels of either mask plus a margin, so small muscles stay visible and
+    # every false positive is still in the picture.
+    union = (ref > 0) | (prd > 0)
+    rows_any, cols_any = np.flatnonzero(union.any(axis=(1, 2))), np.flatnonzero(union.any(axis=(0, 2)))
+    margin = 25
+    r0, r1 = max(0, rows_any.min() - margin), min(image.shape[0], rows_any.max() + margin + 1)
+    c0, c1 = max(0, cols_any.min() - margin), min(image.shape[1], cols_any.max() + margin + 1)
+    image, ref, prd = image[r0:r1, c0:c1], ref[r0:r1, c0:c1], prd[r0:r1, c0:c1]
+    aspect = (r1 - r0) / max(1, c1 - c0)
+    fig, axes = plt.subplots(len(picks), 3, figsize=(12, 4 * len(picks) * min(1.2, max(0.5, aspect))))
+    axes = np.atleast_2d(axes)
+    lo, hi = np.percentile(image, [1, 99.5])
+    for row, k in enumerate(picks):
+        for col, (overlay, name) in enumerate(((None, "image"), (ref, "reference"), (prd, "prediction"))):
+            ax = axes[row, col]
+            ax.imshow(image[:, :, k], cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+            if overlay is not None:
+                layer = np.ma.masked_equal(overlay[:, :, k], 0)
+                ax.imshow(layer, cmap=cmap, vmin=0, vmax=8, alpha=0.45, interpolation="nearest")
+            ax.set_title(f"{name}, slice {k}")
+            ax.text(0.01, 0.5, "R", color="yellow", transform=ax.transAxes, fontsize=12, va="center")
+            ax.text(0.97, 0.5, "L", color="yellow", transform=ax.transAxes, fontsize=12, va="center")
+            ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+
+
+def evaluate_case(case: LoadedCase, bundle: ModelBundle, out_dir: Path) -> dict[str, Any]:
+    """Metrics (raw and post-processed) and an overlay figure for one case."""
+    if case.label is None:
+        raise CaseError(f"{case.case_id}: no reference labels")
+    started = time.monotonic()
+    probs = predict_probabilities(case, bundle)
+    seconds = time.monotonic() - started
+    raw = np.argmax(probs, axis=0).astype(np.uint8)
+    post = postprocess_labels(raw, case.spacing_mm)
+    labels = [c for c in case.labelled_classes if c != 0]
+    raw_rows = label_metrics(raw, case.label, labels, case.spacing_mm)
+    rows = label_metrics(post, case.label, labels, case.spacing_mm)
+    figure = out_dir / f"{case.case_id.replace(':', '_')}_overlay.png"
+    overlay_figure(case, post, figure, f"{case.case_id}: {bundle.name} {bundle.version} (post-processed)")
+    return {
+        "case": case.case_id, "source": case.source, "postprocessed": True,
+        "spacing_mm": [round(s, 4) for s in case.spacing_mm], "shape": list(case.image.shape),
+        "inference_s": round(seconds, 1),
+        "rows": rows + [mean_row(rows)], "raw_rows": raw_rows + [mean_row(raw_rows)],
+        "figure": figure.name,
+    }
+
+
+def write_reports(results: list[dict[str, Any]], bundle: ModelBundle, out_dir: Path) -> None:
+    """evaluation.md / .csv / .json in ``out_dir``."""
+    keys = [key for key, _, _ in METRIC_COLUMNS]
+    with open(out_dir / "evaluation.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["bundle", "weights_sha256", "case", "postprocessed", "label", "name", *keys])
+        for result in results:
+            for variant, rows in (("yes", result["rows"]), ("no", result["raw_rows"])):
+                for row in rows:
+                    writer.writerow([bundle.name, bundle.weights_sha256[:16], result["case"], variant, row["label"],
+                                     row["name"], *["" if row.get(k) is None else f"{row[k]:.6g}" for k in keys]])
+    lines = [
+        f"# Evaluation of {bundle.name} {bundle.version}",
+        "",
+        f"Weights: `{bundle.path.name}/models/model.ts`, sha256 `{bundle.weights_sha256[:16]}…`. "
+        f"Trained on: {'; '.join(bundle.metadata.get('training', {}).get('data', []))}.",
+        "",
+        METHOD,
+        "",
+    ]
+    for result in results:
+        lines += [
+            f"## {result['case']}",
+            "",
+            f"Data: {result['source']}. Grid {result['shape']} voxels, spacing {result['spacing_mm']} mm. "
+            f"Inference {result['inference_s']} s on CPU.",
+            "",
+            "Post-processed (as the application outputs):",
+            "",
+            metric_table(result["rows"]),
+            "",
+            "Raw arg-max (no post-processing):",
+            "",
+            metric_table(result["raw_rows"]),
+            "",
+            f"![overlay]({result['figure']})",
+            "",
+        ]
+    (out_dir / "evaluation.md").write_text("\n".join(lines))
+    (out_dir / "evaluation.json").write_text(json.dumps(
+        {"bundle": bundle.name, "version": bundle.version, "weights_sha256": bundle.weights_sha256,
+         "method": METHOD, "cases": results}, indent=2))
+
+
+def update_bundle(bundle: ModelBundle, results: list[dict[str, Any]], out_dir: Path) -> None:
+    """Store the measured table in the bundle metadata, re-render the card, copy the reports."""
+    from training.export import write_metadata
+
+    metadata = read_metadata(bundle.path)
+    previous = metadata.get("evaluation", {})
+    metadata["evaluation"] = {
+        "measured": True,
+        "weights_sha256": bundle.weights_sha256,
+        "method": METHOD,
+        "cases": results,
+        # Recipe checks (other folds, ablations) are about the recipe, not these weights: kept.
+        "recipe_checks": previous.get("recipe_checks", []),
+    }
+    write_metadata(bundle.path, metadata)
+    docs = bundle.path / "docs" / "evaluation"
+    docs.mkdir(parents=True, exist_ok=True)
+    for name in ["evaluation.md", "evaluation.csv"] + [r["figure"] for r in results]:
+        shutil.copy2(out_dir / name, docs / name)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--case", action="append", required=True, help="case id (repeatable)")
+    p.add_argument("--data-dir", type=Path, default=None, help="site cases (<case>_image/_label.nii.gz)")
+    p.add_argument("--out", type=Path, default=None, help="report folder (default output/evaluation/<bundle>)")
+    p.add_argument("--update-bundle", action="store_true",
+                   help="write the figures into the bundle metadata and model card")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    bundle = load_bundle(args.bundle, "cpu")
+    training = bundle.metadata.get("training", {})
+    trained_on = set(training.get("cases", [])) | {entry.split(": ")[0] for entry in training.get("data", [])}
+    registry: dict[str, Any] = dict(real_cases())
+    if args.data_dir:
+        registry.update(site_cases(args.data_dir))
+    out_dir = args.out or Path("output") / "evaluation" / bundle.path.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for case_id in args.case:
+        if case_id not in registry:
+            print(f"error: unknown case {case_id!r}; known: {sorted(registry)}", file=sys.stderr)
+            return 2
+        if case_id in trained_on:
+            print(f"error: {case_id} is in this bundle's training data; evaluating on it would be meaningless",
+                  file=sys.stderr)
+            return 2
+        result = evaluate_case(registry[case_id].load(), bundle, out_dir)
+        results.append(result)
+        print(f"{case_id}: post-processed mean Dice {result['rows'][-1]['dice']:.3f} "
+              f"(raw {result['raw_rows'][-1]['dice']:.3f})")
+    write_reports(results, bundle, out_dir)
+    if args.update_bundle:
+        update_bundle(bundle, results, out_dir)
+    print(f"reports: {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

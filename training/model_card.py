@@ -1,0 +1,199 @@
+"""Render the bundle's model card (docs/README.md) from its metadata.json.
+
+The card is generated, never hand-edited, so every figure in it is the one stored in the
+metadata by the training run (``training``) and the evaluation run (``evaluation``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+METRIC_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("dice", "Dice", "{:.3f}"),
+    ("jaccard", "Jaccard", "{:.3f}"),
+    ("conformity", "Conformity", "{:.3f}"),
+    ("tpr", "TPR", "{:.3f}"),
+    ("tnr", "TNR", "{:.4f}"),
+    ("ppv", "PPV", "{:.3f}"),
+    ("volume_ref_ml", "V ref (ml)", "{:.1f}"),
+    ("volume_pred_ml", "V pred (ml)", "{:.1f}"),
+    ("volume_ratio", "V ratio", "{:.2f}"),
+    ("assd_mm", "Mean boundary dist. (mm)", "{:.2f}"),
+)
+
+RESEARCH_USE = (
+    "**RESEARCH USE ONLY.** Not a medical device; not validated for clinical use. Every "
+    "segmentation must be reviewed by a qualified reader."
+)
+
+DEFAULT_LIMITS: tuple[str, ...] = (
+    "Trained on one real volume plus synthetic phantoms: the evaluation figures come from one held-out "
+    "volume and do not establish performance on other scanners, sequences, levels or pathologies. For "
+    "orientation only: Wesselink et al. report Dice 0.90-0.93 in-distribution with 76 training participants; "
+    "the figures here are not comparable (one out-of-distribution volume, another annotation protocol).",
+    "The held-out MyoSegmenTUM input is a Dixon water+fat sum standing in for T2 TSE, and its manual "
+    "masks label multifidus and erector spinae only, so psoas major and quadratus lumborum are not "
+    "evaluated on it; its annotation protocol (e.g. where multifidus ends and erector spinae begins) "
+    "differs from MuscleMap's, which lowers the measured agreement independently of the model.",
+    "The MuscleMap sample segmentation may be model-assisted (its provenance says so); it is a "
+    "reference, not necessarily a manual ground truth.",
+    "2D slice-wise model: no through-plane context; slices far outside L1-S1 are out of scope and "
+    "may receive spurious labels (post-processing keeps the largest 3D component per muscle).",
+    "Laterality follows the image geometry (RAS model space); a wrong orientation in the DICOM header "
+    "gives wrong sides.",
+)
+
+
+def _fmt(value: Any, pattern: str) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "n/a"
+    return pattern.format(value)
+
+
+def metric_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table, one row per label, columns :data:`METRIC_COLUMNS`."""
+    header = "| label | " + " | ".join(title for _, title, _ in METRIC_COLUMNS) + " |"
+    rule = "|---|" + "---|" * len(METRIC_COLUMNS)
+    lines = [header, rule]
+    for row in rows:
+        cells = [_fmt(row.get(key), pattern) for key, _, pattern in METRIC_COLUMNS]
+        lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+CONTRAST_AUGMENTATION = {
+    "none": "none",
+    "contrast": "on (background masking, bias field, gamma, histogram shift, foreground scale/shift, noise; "
+                "training/transforms.py RandContrastd)",
+}
+
+
+def summarise_data(entries: list[str]) -> list[str]:
+    """Training-data lines with the synthetic phantoms folded into one line."""
+    real = [e for e in entries if not e.startswith("synthetic_")]
+    synthetic = [e for e in entries if e.startswith("synthetic_")]
+    if synthetic:
+        slices = sum(int(e.split(": ")[1].split(" ")[0]) for e in synthetic)
+        t2 = sum(", T2," in e for e in synthetic)
+        real.append(f"{len(synthetic)} synthetic lumbar phantom volumes (paraspinal.phantom; {t2} T2-like, "
+                    f"{len(synthetic) - t2} T1-like; randomised field of view, spacing, tilt, noise and bias field), "
+                    f"{slices} slices, all 8 muscles labelled")
+    return real
+
+
+def _training_section(training: dict[str, Any]) -> list[str]:
+    if training.get("imported_from"):
+        source = training["imported_from"]
+        return ["## Training", "", f"Not trained here: imported from `{source.get('file')}` (sha256 "
+                f"{str(source.get('sha256'))[:16]}…) with output channel order "
+                f"{training.get('recipe', {}).get('channel_order')}. Training data and recipe: as documented by "
+                "the checkpoint's provider.", ""]
+    recipe = training.get("recipe", {})
+    aug = recipe.get("augmentation", {})
+    lines = ["## Training", "", "Data (2D axial slices in model space):", ""]
+    lines += [f"- {entry}" for entry in summarise_data(training.get("data", []))]
+    lines += [
+        "",
+        f"Held out (never trained on): {', '.join(training.get('held_out', [])) or 'none'}.",
+        "",
+        f"- Slices: {training.get('num_slices')}; iterations: {training.get('iterations')} "
+        f"(batch {recipe.get('batch_size')}, {recipe.get('patch', [256, 256])[0]}x{recipe.get('patch', [256, 256])[1]} patches); "
+        f"seed {training.get('seed')}.",
+        f"- Loss: {recipe.get('loss')}.",
+        f"- Optimiser: {recipe.get('optimizer')} lr {recipe.get('lr')}, weight decay {recipe.get('weight_decay')}, "
+        f"{recipe.get('lr_schedule')} schedule.",
+        f"- Augmentation: geometric ({aug.get('geometric')}); contrast augmentation: "
+        f"{CONTRAST_AUGMENTATION.get(str(aug.get('contrast')), aug.get('contrast'))}.",
+        f"- Model selection: {recipe.get('selection')}.",
+        f"- Initial weights: {recipe.get('init') or 'random (MONAI default initialisation)'}.",
+        f"- Final training loss (mean of the last 100 iterations): {training.get('final_loss_mean_last_100')}.",
+        f"- Training time: {training.get('time', {}).get('train_loop_min')} min (training loop) on "
+        f"{training.get('machine')}.",
+        "",
+    ]
+    return lines
+
+
+def _evaluation_section(evaluation: dict[str, Any]) -> list[str]:
+    lines = ["## Evaluation", ""]
+    if not evaluation.get("measured"):
+        lines += ["Not measured for these weights yet. Run:", "", f"    {evaluation.get('how', '')}", ""]
+        return lines
+    lines += [evaluation.get("method", ""), ""]
+    for case in evaluation.get("cases", []):
+        lines += [
+            f"### {case['case']} ({'post-processed' if case.get('postprocessed') else 'raw arg-max'})",
+            "",
+            f"Data: {case.get('source', '')}.",
+            "",
+            metric_table(case["rows"]),
+            "",
+        ]
+        if case.get("raw_rows"):
+            lines += ["Without post-processing (raw arg-max):", "", metric_table(case["raw_rows"]), ""]
+    for check in evaluation.get("recipe_checks", []):
+        lines += [f"### Recipe check: {check['title']}", "", check.get("text", ""), ""]
+        if check.get("rows"):
+            lines += [metric_table(check["rows"]), ""]
+    return lines
+
+
+def render_model_card(metadata: dict[str, Any]) -> str:
+    """The model card markdown for ``metadata`` (the bundle's metadata.json content)."""
+    pre = metadata.get("preprocessing", {})
+    net = metadata.get("network_def", {})
+    weights = metadata.get("weights", {})
+    labels = metadata.get("labels", {})
+    lines = [
+        f"# {metadata.get('name')} {metadata.get('version')} — model card",
+        "",
+        RESEARCH_USE,
+        "",
+        metadata.get("description", ""),
+        "",
+        "## Intended use",
+        "",
+        "Automatic segmentation of the lumbar paraspinal muscles on axial T2-weighted MRI (L1-S1) in the "
+        "research DICOM node and in batch research pipelines; outputs are reviewed by a reader before any use.",
+        "",
+        "## Inputs, outputs, processing",
+        "",
+        f"- Input: one axial slice, (B, 1, H, W) float32, in the model space: orientation {pre.get('orientation')} "
+        f"(voxel axis 0 towards the patient's right, axis 1 anterior; slices along axis 2), in-plane spacing "
+        f"{pre.get('pixdim_mm')} mm (slice spacing kept), z-score over the non-zero voxels of the volume.",
+        f"- Output: (B, {len(labels) + 1}, H, W) logits; label = arg-max. Labels (patient side): "
+        + ", ".join(f"{k} {v['muscle']} {v['side']}" for k, v in sorted(labels.items(), key=lambda kv: int(kv[0])))
+        + "; 0 background.",
+        f"- Inference: sliding window {pre.get('roi_size')} per slice, overlap {pre.get('overlap')}, "
+        f"{pre.get('blend_mode')} blending; probabilities mapped back to the source grid by inverting the "
+        "preprocessing.",
+        "- Post-processing: "
+        + ", ".join(k for k, v in metadata.get("postprocessing", {}).items() if v)
+        + " (largest 3D connected component per label, holes filled per slice, `training/postprocess.py`).",
+        "",
+        "## Architecture",
+        "",
+        f"MONAI UNet, {net.get('spatial_dims')}D, channels {net.get('channels')}, strides {net.get('strides')}, "
+        f"{net.get('num_res_units')} residual units per level (two 3x3 convolutions each), strided-convolution "
+        f"downsampling, transposed-convolution upsampling, {net.get('norm')} norm, {net.get('act')} activation "
+        f"(Wesselink et al. design at reduced width for CPU training). {weights.get('parameters')} parameters; "
+        f"TorchScript {weights.get('size_mb')} MB. MONAI {metadata.get('monai_version')}, PyTorch "
+        f"{metadata.get('pytorch_version')}.",
+        "",
+    ]
+    lines += _training_section(metadata.get("training", {}))
+    lines += _evaluation_section(metadata.get("evaluation", {}))
+    lines += ["## Limits", ""]
+    lines += [f"- {text}" for text in metadata.get("limits", DEFAULT_LIMITS)]
+    lines += [
+        "",
+        "## Data licences and citation",
+        "",
+        "- MuscleMap sample (image and segmentation): MuscleMap project, MIT licence.",
+        "- MyoSegmenTUM spine: Burian E. et al., \"Lumbar muscle and vertebral bodies segmentation of chemical "
+        "shift encoding-based water-fat MRI: the reference database MyoSegmenTUM spine\", BMC Musculoskeletal "
+        "Disorders 2019; left/right masks as curated by the LPM_Segmentator project (Apache-2.0).",
+        "- Method: Wesselink E.O. et al., Sci Rep (2D U-Net for lumbar muscle segmentation on axial T2).",
+        "",
+    ]
+    return "\n".join(lines)
