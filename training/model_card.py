@@ -131,6 +131,8 @@ def _evaluation_section(evaluation: dict[str, Any]) -> list[str]:
         ]
         if case.get("raw_rows"):
             lines += ["Without post-processing (raw arg-max):", "", metric_table(case["raw_rows"]), ""]
+        if case.get("figure"):
+            lines += [f"Overlay (reference vs prediction, three slices): ![overlay](evaluation/{case['figure']})", ""]
     for check in evaluation.get("recipe_checks", []):
         lines += [f"### Recipe check: {check['title']}", "", check.get("text", ""), ""]
         if check.get("rows"):
