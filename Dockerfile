@@ -29,6 +29,14 @@ WORKDIR /var/lib/paraspinal
 ENV PYTHONPATH=/opt/paraspinal HOLOSCAN_MODEL_PATH=/opt/paraspinal/models
 
 EXPOSE 11112
+# Healthy: the node's heartbeat (written every 5 s) is fresh and its listener answers a C-ECHO
+# from the health-check AE title (over TLS when the listener uses TLS). Exit 0/1.
+HEALTHCHECK --interval=30s --timeout=15s --start-period=120s --retries=3 \
+    CMD ["python", "-m", "app", "status", "--health"]
+# SIGTERM (docker stop): the node stops accepting, gives open associations and running analyses
+# node.shutdown_grace_s (default 8 s) to finish, and persists the rest; give docker stop at least
+# that long (its default is 10 s: `docker stop -t 30` for a longer grace).
+STOPSIGNAL SIGTERM
 # Holoscan wants a 32 MB stack.
 ENTRYPOINT ["/bin/sh", "-c", "ulimit -s 32768; exec python -m app \"$@\"", "--"]
 CMD ["serve"]

@@ -1,6 +1,10 @@
 # The two commands that do everything on a fresh machine:
 #   make demo   - the main job on its embedded defaults
 #   make test   - the test suite
+# and the long reliability run (about 10 min on 2 busy cores):
+#   make soak   - load, repeated crashes, outage, SIGTERM, 10,000 fuzz cases; prints a summary table
+# and the benchmarks (figures, not pass/fail; about 15 min on 2 cores):
+#   make bench  - latency, inference, ingest, concurrency, memory -> benchmarks/results/latest.{json,md}
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -11,7 +15,10 @@ DEMO_DIR ?= build/demo
 # Holoscan wants a 32 MB stack.
 RUN := ulimit -s 32768 2>/dev/null || true;
 
-.PHONY: demo test venv clean-demo
+SOAK_ARGS ?=
+BENCH_ARGS ?=
+
+.PHONY: demo test soak bench venv clean-demo
 
 venv: $(STAMP)
 
@@ -30,6 +37,13 @@ demo: venv
 
 test: venv $(NODE_STAMP)
 	$(RUN) $(PY) -m pytest -q tests
+
+soak: venv
+	$(RUN) $(PY) -m reliability.soak $(SOAK_ARGS)
+
+# e.g. make bench BENCH_ARGS="--suites e2e,ingest --repeats 5" (README "Performance")
+bench: venv
+	$(RUN) $(PY) -m benchmarks $(BENCH_ARGS)
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -72,10 +72,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from app.node.service import NodeService
     from paraspinal.model_bundle import BundleError, find_bundle
 
-    setup_logging(args.log_level)
     model_path = _path_arg(args.model, "HOLOSCAN_MODEL_PATH", str(DEFAULT_MODEL_PATH))
     try:
         config = load_config(args.config)
+        setup_logging(args.log_level, hash_uids=config.node.log_uids == "hashed")
         # Fail now, not at the first study, when there is no model; and pin the bundle found.
         model_path = find_bundle(model_path)
     except (ConfigError, BundleError) as exc:
@@ -109,13 +109,24 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 2
     db = config.node.state_db
     if not db.is_file():
-        print(f"no node state at {db} (the node has not run with this configuration)", file=sys.stderr)
+        print(f"{'unhealthy: ' if args.health else ''}no node state at {db} (the node has not run with this "
+              f"configuration)", file=sys.stderr)
         return 1
     state = StateStore(db, readonly=True)
     try:
         summary = state.summary(recent=args.recent)
+    except Exception as exc:  # e.g. the database is locked or damaged
+        print(f"{'unhealthy: ' if args.health else ''}cannot read {db}: {exc}", file=sys.stderr)
+        return 1
     finally:
         state.close()
+    if args.health:
+        from app.node.status import health
+
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # the one line below says it all
+        healthy, why = health(config.node, summary["node"])
+        print(("healthy: " if healthy else "unhealthy: ") + why)
+        return 0 if healthy else 1
     print(json.dumps(summary, indent=2, default=str) if args.json else format_status(summary))
     return 0
 
@@ -147,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show the node's studies and outbox (reads its state database)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--recent", type=int, default=20, help="how many recent studies to list")
+    status.add_argument("--health", action="store_true",
+                        help="exit 0 when the node is healthy (fresh heartbeat, listener answers C-ECHO), else 1")
     status.set_defaults(func=cmd_status)
     demo = sub.add_parser("demo", help="end to end on this machine: archive + node + synthetic study")
     demo.add_argument("--workdir", default="build/demo",

@@ -88,11 +88,13 @@ class OutputSettings:
 
 @dataclass(frozen=True)
 class PeerAddress:
-    """A DICOM application entity reachable over TCP."""
+    """A DICOM application entity reachable over TCP (``tls``: associate over DICOM TLS,
+    with the node's certificate as client certificate)."""
 
     ae_title: str
     host: str
     port: int = 104
+    tls: bool = False
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,32 @@ class NodeSettings:
     send_retries: int
     send_backoff_s: float
     send_backoff_max_s: float
+    max_pdu_size: int
+    max_dataset_mb: float
+    tls_enabled: bool
+    tls_certificate: Path | None
+    tls_private_key: Path | None
+    tls_ca_certificates: Path | None
+    tls_require_client_certificate: bool
+    health_check_ae_title: str
+    health_max_heartbeat_age_s: float
+    audit_log: Path | None
+    log_uids: str
+    analysis_timeout_s: float
+    shutdown_grace_s: float
+
+    def __post_init__(self) -> None:
+        if self.log_uids not in ("clear", "hashed"):
+            raise ConfigError(f"[node] log_uids: {self.log_uids!r} is not one of clear, hashed")
+        if self.tls_enabled and not (self.tls_certificate and self.tls_private_key):
+            raise ConfigError("[node] tls_enabled needs tls_certificate and tls_private_key")
+        if self.tls_enabled and self.tls_require_client_certificate and not self.tls_ca_certificates:
+            raise ConfigError("[node] tls_require_client_certificate needs tls_ca_certificates (the CAs that "
+                              "sign the peers' certificates)")
+        if any(d.tls for d in self.destinations) and not (self.tls_certificate and self.tls_private_key
+                                                          and self.tls_ca_certificates):
+            raise ConfigError("[node] a destination with tls: true needs tls_certificate, tls_private_key and "
+                              "tls_ca_certificates")
 
 
 @dataclass(frozen=True)
@@ -180,6 +208,16 @@ def _build(cls: type, section: str, values: Mapping[str, Any], base_dir: Path) -
             if annotation == "Path":
                 path = Path(str(value))
                 kwargs[name] = path if path.is_absolute() else base_dir / path
+            elif annotation == "Path | None":  # empty or null: not set
+                path = Path(str(value)) if value not in (None, "") else None
+                kwargs[name] = None if path is None else path if path.is_absolute() else base_dir / path
+            elif annotation == "bool":
+                if isinstance(value, bool):
+                    kwargs[name] = value
+                elif str(value).strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+                    kwargs[name] = str(value).strip().lower() in ("true", "yes", "on", "1")
+                else:
+                    raise ValueError(f"{value!r} is not a boolean")
             elif annotation.startswith("tuple[str"):
                 kwargs[name] = tuple(str(v) for v in (value or []))
             elif annotation == "tuple[PeerAddress, ...]":

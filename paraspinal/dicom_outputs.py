@@ -161,40 +161,65 @@ def _slice_tracking(stack: StackVolume, m: MuscleMeasurement, info: LabelInfo, b
     )
 
 
+#: Concepts every per-slice group uses, as highdicom objects made once. Content items hold their
+#: concepts by reference, so one object may sit in many items; nothing edits them afterwards.
+AREA = hd.sr.CodedConcept.from_code(codes.SCT.Area)
+FAT_FRACTION = hd.sr.CodedConcept.from_code(codes.DCM.FatFraction)
+PERCENT = hd.sr.CodedConcept.from_code(codes.UCUM.Percent)
+
+
+@dataclass
+class _MuscleParts:
+    """What every per-slice group of one muscle and side shares, built once per muscle."""
+
+    algorithm: hd.sr.AlgorithmIdentification
+    site: hd.sr.FindingSite
+    finding_type: hd.sr.CodedConcept
+    method: hd.sr.CodedConcept
+
+    @classmethod
+    def of(cls, m: MuscleMeasurement, info: LabelInfo, bundle: ModelBundle) -> "_MuscleParts":
+        return cls(algorithm=hd.sr.AlgorithmIdentification(name=bundle.name, version=bundle.version),
+                   site=hd.sr.FindingSite(anatomic_location=coded(info.code), laterality=coded(info.laterality)),
+                   finding_type=coded(info.code), method=fat_method_concept(m.fat_method, m.bias_correction))
+
+
 def _slice_group(seg: SegmentationResult, frames: dict[tuple[int, str], int], stack: StackVolume,
                  m: MuscleMeasurement, info: LabelInfo, bundle: ModelBundle, k: int,
-                 dixon: bool = False) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | None:
+                 dixon: bool = False, parts: _MuscleParts | None = None
+                 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | None:
     """TID 1410 planar group of one muscle on one slice, referencing its SEG frame on that slice.
 
     ``dixon=False``: CSA, fat CSA, lean CSA (mm2) and fat fraction (%) by the T2 method;
     ``dixon=True``: the Dixon PDFF (%) on that slice (its own group, so that the group-level
     measurement method -- the only one dcmqi's tid1500reader reads -- names it).
+    ``parts``: the muscle's shared concepts (:class:`_MuscleParts`), made here when not given.
     """
     source = stack.datasets[k]
     number = seg.segment_numbers[info.value]
     frame = frames.get((number, str(source.SOPInstanceUID)))
     if frame is None:
         return None
-    algorithm = hd.sr.AlgorithmIdentification(name=bundle.name, version=bundle.version)
-    site = hd.sr.FindingSite(anatomic_location=coded(info.code), laterality=coded(info.laterality))
+    if dixon and (k >= len(m.slice_pdff_pct) or m.slice_pdff_pct[k] is None):
+        return None
+    parts = parts or _MuscleParts.of(m, info, bundle)
+    algorithm = parts.algorithm
     if dixon:
-        if k >= len(m.slice_pdff_pct) or m.slice_pdff_pct[k] is None:
-            return None
         method = DIXON_PDFF_METHOD
-        measurements = [hd.sr.Measurement(name=codes.DCM.FatFraction, value=m.slice_pdff_pct[k],
-                                          unit=codes.UCUM.Percent, method=method)]
+        measurements = [hd.sr.Measurement(name=FAT_FRACTION, value=m.slice_pdff_pct[k], unit=PERCENT,
+                                          method=method)]
     else:
-        method = fat_method_concept(m.fat_method, m.bias_correction)
+        method = parts.method
         measurements = [
-            hd.sr.Measurement(name=codes.SCT.Area, value=m.slice_csa_mm2[k], unit=UNIT_MM2, algorithm_id=algorithm),
+            hd.sr.Measurement(name=AREA, value=m.slice_csa_mm2[k], unit=UNIT_MM2, algorithm_id=algorithm),
             hd.sr.Measurement(name=FAT_AREA, value=m.slice_fat_csa_mm2[k], unit=UNIT_MM2, method=method,
                               algorithm_id=algorithm),
             hd.sr.Measurement(name=LEAN_AREA, value=m.slice_lean_csa_mm2[k], unit=UNIT_MM2, method=method,
                               algorithm_id=algorithm),
         ]
         if m.slice_fat_fraction_pct[k] is not None:
-            measurements.append(hd.sr.Measurement(name=codes.DCM.FatFraction, value=m.slice_fat_fraction_pct[k],
-                                                  unit=codes.UCUM.Percent, method=method, algorithm_id=algorithm))
+            measurements.append(hd.sr.Measurement(name=FAT_FRACTION, value=m.slice_fat_fraction_pct[k],
+                                                  unit=PERCENT, method=method, algorithm_id=algorithm))
     group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=_slice_tracking(stack, m, info, bundle, k, " PDFF" if dixon else ""),
         referenced_segment=hd.sr.ReferencedSegmentationFrame(
@@ -202,9 +227,9 @@ def _slice_group(seg: SegmentationResult, frames: dict[tuple[int, str], int], st
             frame_number=frame, segment_number=number,
             source_image=hd.sr.SourceImageForSegmentation(str(source.SOPClassUID), str(source.SOPInstanceUID)),
         ),
-        finding_type=coded(info.code),
+        finding_type=parts.finding_type,
         method=method,
-        finding_sites=[site],
+        finding_sites=[parts.site],
         algorithm_id=None if dixon else algorithm,
         measurements=measurements,
     )
@@ -296,7 +321,7 @@ def _dixon_group(seg: SegmentationResult, stack: StackVolume, m: MuscleMeasureme
 
 def build_measurement_report(results: list[tuple[StackVolume, SegmentationResult, list[MuscleMeasurement]]],
                              bundle: ModelBundle, settings: OutputSettings, *,
-                             per_slice_groups: bool = True) -> Dataset:
+                             per_slice_groups: bool = True, light_content: bool = True) -> Dataset:
     """One TID 1500 Comprehensive 3D SR for the study.
 
     Groups, each referencing its SEG segment (volumetric) or SEG frame (planar), in this order:
@@ -310,6 +335,9 @@ def build_measurement_report(results: list[tuple[StackVolume, SegmentationResult
 
     The fat method (and N4) is the measurement method of each fat group and of each fat
     measurement (private scheme 99PARASPINAL, declared in CodingSchemeIdentificationSequence).
+
+    ``light_content=False`` hands highdicom the complete content (seconds slower with per-slice
+    groups): the reference the default path must equal byte for byte (``tests/test_benchmarks_equivalence.py``).
     """
     groups: list = []
     pdff_groups: list = []
@@ -324,33 +352,28 @@ def build_measurement_report(results: list[tuple[StackVolume, SegmentationResult
             if m.pdff_pct is not None:
                 pdff_groups.append(_dixon_group(seg, stack, m, info, bundle))
             if per_slice_groups:
+                parts = _MuscleParts.of(m, info, bundle)
                 for k in m.present_slices:
                     for dixon in (False, True):
-                        group = _slice_group(seg, frames, stack, m, info, bundle, k, dixon=dixon)
+                        group = _slice_group(seg, frames, stack, m, info, bundle, k, dixon=dixon, parts=parts)
                         if group is not None:
                             slice_groups.append(group)
     if not groups:
         raise ValueError("no muscle was found in any stack: nothing to report")
-    groups += pdff_groups + slice_groups
     first_stack = results[0][0]
-    device_uid = stable_uid("device", bundle.name, bundle.version)
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(
-            observer_device_context=hd.sr.ObserverContext(
-                observer_type=codes.DCM.Device,
-                observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-                    uid=device_uid, name=settings.manufacturer_model_name,
-                    manufacturer_name=settings.manufacturer, model_name=f"{bundle.name} {bundle.version}",
-                ),
-            ),
-        ),
-        procedure_reported=codes.SCT.ImagingProcedure,
-        imaging_measurements=groups,
-    )
     key = [first_stack.series_uid, bundle.weights_sha256] + [s.dataset.SOPInstanceUID for _, s, _ in results]
+    evidence = [seg.dataset for _, seg, _ in results] + [ds for stack, _, _ in results for ds in stack.datasets]
+    report = _measurement_report(groups + pdff_groups + slice_groups, bundle, settings)
+    # highdicom's SR constructor deep-copies and re-parses the whole content tree and searches it
+    # for references: seconds for thousands of per-slice items that highdicom built and checked
+    # when they were made. It gets the same report without the per-slice groups; the complete
+    # report's root then replaces that content (exactly what the constructor copies from the
+    # content it is given), and their references are checked against the evidence here.
+    light_content = light_content and bool(slice_groups)
+    light = _measurement_report(groups + pdff_groups, bundle, settings) if light_content else report
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[seg.dataset for _, seg, _ in results] + [ds for stack, _, _ in results for ds in stack.datasets],
-        content=report,
+        evidence=evidence,
+        content=light,
         series_instance_uid=stable_uid(*key, "sr-series"),
         series_number=settings.sr_series_number,
         sop_instance_uid=stable_uid(*key, "sr-instance"),
@@ -362,8 +385,50 @@ def build_measurement_report(results: list[tuple[StackVolume, SegmentationResult
         is_verified=False,
         series_description=settings.sr_series_description,
     )
+    if light_content:
+        _check_references(slice_groups, evidence)
+        root = report[0]
+        for tag, value in root.items():
+            sr[tag] = value
+        sr._content = hd.sr.ContentSequence([root], is_root=True)
     sr.CodingSchemeIdentificationSequence = [_private_scheme_identification()]
     return sr
+
+
+def _measurement_report(groups: list, bundle: ModelBundle, settings: OutputSettings) -> hd.sr.MeasurementReport:
+    """The TID 1500 content: observer (this software as a device), procedure, the groups."""
+    return hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(
+            observer_device_context=hd.sr.ObserverContext(
+                observer_type=codes.DCM.Device,
+                observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                    uid=stable_uid("device", bundle.name, bundle.version), name=settings.manufacturer_model_name,
+                    manufacturer_name=settings.manufacturer, model_name=f"{bundle.name} {bundle.version}",
+                ),
+            ),
+        ),
+        procedure_reported=codes.SCT.ImagingProcedure,
+        imaging_measurements=groups,
+    )
+
+
+def _check_references(groups: list, evidence: list[Dataset]) -> None:
+    """Every instance the groups reference is among the evidence (what highdicom checks for the
+    content it is given); ``ValueError`` naming the missing ones otherwise."""
+    known = {str(ds.SOPInstanceUID) for ds in evidence}
+    referenced: set[str] = set()
+
+    def walk(items) -> None:
+        for item in items:
+            for reference in item.get("ReferencedSOPSequence", []):
+                referenced.add(str(reference.ReferencedSOPInstanceUID))
+            walk(item.get("ContentSequence", []))
+
+    for group in groups:  # a template is a list of content items
+        walk(group)
+    missing = referenced - known
+    if missing:
+        raise ValueError(f"no evidence was provided for the referenced instance(s) {', '.join(sorted(missing))}")
 
 
 def _private_scheme_identification() -> Dataset:

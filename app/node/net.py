@@ -17,12 +17,15 @@ def free_tcp_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def echo(host: str, port: int, called_ae: str, calling_ae: str = "ECHOSCU", timeout_s: float = 5.0) -> int | None:
-    """C-ECHO the peer; returns its status (0 is success) or None when no association."""
+def echo(host: str, port: int, called_ae: str, calling_ae: str = "ECHOSCU", timeout_s: float = 5.0,
+         tls_context=None) -> int | None:
+    """C-ECHO the peer (over TLS with ``tls_context``); returns its status (0 is success) or
+    None when no association."""
     ae = AE(ae_title=calling_ae)
     ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
-    assoc = ae.associate(host, port, ae_title=called_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout_s
+    assoc = ae.associate(host, port, ae_title=called_ae,
+                         tls_args=(tls_context, host) if tls_context is not None else None)
     if not assoc.is_established:
         return None
     try:

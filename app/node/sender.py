@@ -11,17 +11,19 @@ same study supersedes dead and pending items and queues its own outputs afresh.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from pydicom.filereader import read_file_meta_info
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from app.config import NodeSettings
-from app.node.logs import log_event
-from app.node.state import OutboxItem, StateStore, parse_destination_key
+from app.node.audit import AuditLog
+from app.node.logs import log_event, uid_hash
+from app.node.state import OutboxItem, StateStore, destination_key, parse_destination_key
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +54,10 @@ def _add_contexts(ae: AE, identities: Iterable[tuple[str, str, str]]) -> None:
 
 def store_files(paths: Sequence[Path], calling_ae: str, called_ae: str, host: str, port: int,
                 acse_timeout_s: float = 30.0, dimse_timeout_s: float = 60.0,
-                network_timeout_s: float = 60.0) -> list[tuple[Path, int | None, str]]:
-    """C-STORE files over one association.
+                network_timeout_s: float = 60.0, tls_context: ssl.SSLContext | None = None
+                ) -> list[tuple[Path, int | None, str]]:
+    """C-STORE files over one association (over TLS when ``tls_context`` is given; the peer's
+    certificate must then match ``host``).
 
     Returns one ``(path, status, note)`` per file: ``status`` is the peer's DIMSE status, or
     None when the object could not be sent (unreadable file, no association, no response);
@@ -71,7 +75,8 @@ def store_files(paths: Sequence[Path], calling_ae: str, called_ae: str, host: st
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = acse_timeout_s, dimse_timeout_s, network_timeout_s
     _add_contexts(ae, readable)
-    assoc = ae.associate(host, port, ae_title=called_ae)
+    assoc = ae.associate(host, port, ae_title=called_ae,
+                         tls_args=(tls_context, host) if tls_context is not None else None)
     if not assoc.is_established:
         why = "association rejected" if assoc.is_rejected else "association aborted" if assoc.is_aborted \
             else "association failed (peer unreachable?)"
@@ -106,9 +111,21 @@ class Sender:
         state: the state store holding the outbox.
     """
 
-    def __init__(self, settings: NodeSettings, state: StateStore) -> None:
+    def __init__(self, settings: NodeSettings, state: StateStore, audit: AuditLog | None = None) -> None:
         self.settings = settings
         self.state = state
+        self.audit = audit or AuditLog(None)
+        self._tls = {destination_key(d.ae_title, d.host, d.port) for d in settings.destinations if d.tls}
+        self._tls_context: ssl.SSLContext | None = None
+
+    def _context_for(self, destination: str) -> ssl.SSLContext | None:
+        if destination not in self._tls:
+            return None
+        if self._tls_context is None:
+            from app.node.listener import client_ssl_context
+
+            self._tls_context = client_ssl_context(self.settings)
+        return self._tls_context
 
     def send_due(self, now: float | None = None) -> int:
         """One round: send every due item; returns how many items were attempted."""
@@ -139,21 +156,31 @@ class Sender:
                 self._record(item, destination, None, "result file missing or replaced by a newer analysis")
         if not sendable:
             return
+        try:
+            tls_context = self._context_for(destination)
+        except (OSError, ssl.SSLError) as exc:  # certificate files missing or unreadable
+            for item in sendable:
+                self._record(item, destination, None, f"TLS set-up failed: {exc}")
+            return
         outcomes = store_files([item.path for item in sendable], s.ae_title, ae_title, host, port,
-                               s.acse_timeout_s, s.dimse_timeout_s, s.network_timeout_s)
+                               s.acse_timeout_s, s.dimse_timeout_s, s.network_timeout_s, tls_context)
         for item, (_, status, note) in zip(sendable, outcomes):
             self._record(item, destination, status, note)
 
     def _record(self, item: OutboxItem, destination: str, status: int | None, note: str) -> None:
         """Mark one item sent, or failed (pending again after backoff, or dead), and log it."""
         s = self.settings
+        audit = dict(study=uid_hash(item.study_uid), sop=uid_hash(item.sop_instance_uid),
+                     sop_class=UID(item.sop_class_uid).name, destination=destination, attempt=item.attempts + 1)
         if status in STORED_STATUSES:
             self.state.mark_sent(item.id, f"0x{status:04X}")
+            self.audit.write("send", **audit, result="sent", status=f"0x{status:04X}")
             log_event(log, logging.INFO, "result_sent", study=item.study_uid, sop=item.sop_instance_uid,
                       destination=destination, status=f"0x{status:04X}", attempt=item.attempts + 1)
             return
         error = f"status 0x{status:04X}" if status is not None else note
         after = self.state.mark_failed(item.id, error, s.send_retries, s.send_backoff_s, s.send_backoff_max_s)
+        self.audit.write("send", **audit, result={"pending": "retry"}.get(after, after), status=error[:200])
         log_event(log, logging.ERROR if after == "dead" else logging.WARNING,
                   "dead_letter" if after == "dead" else "send_failed", study=item.study_uid,
                   sop=item.sop_instance_uid, destination=destination, error=error, attempt=item.attempts + 1,

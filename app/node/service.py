@@ -8,19 +8,28 @@ Threads in the node process:
 * the sender thread sends due outbox items.
 
 On start, state left by an earlier run is resumed: analyses that were running are queued
-again, studies found in the spool but missing from the database are adopted, and pending
-outbox items are sent.
+again, studies found in the spool but missing from the database are adopted, studies still
+receiving get a fresh quiet period (their senders could not reach the node while it was
+down), leftovers of killed writes (hidden temp files, ``.incomplete-*`` folders) are removed,
+and pending outbox items are sent.
+
+On stop (SIGTERM): the listener stops accepting and open associations get up to
+``shutdown_grace_s`` to finish; no new analysis starts, running ones get the rest of that
+time (their outputs are queued and the sender keeps sending meanwhile); whatever is still
+running then stays ``processing`` in the database and is resumed at the next start.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
 
 from app.config import Config
+from app.node.audit import AuditLog
 from app.node.completion import CompletionTracker
 from app.node.listener import Listener
 from app.node.logs import log_event
@@ -35,6 +44,11 @@ log = logging.getLogger(__name__)
 SCHEDULER_TICK_S = 0.25
 SENDER_TICK_S = 1.0
 HEARTBEAT_EVERY_S = 5.0
+
+
+def audit_path(settings) -> Path:
+    """``audit_log``, or ``audit.jsonl`` beside the state database when it is not set."""
+    return Path(settings.audit_log) if settings.audit_log else Path(settings.state_db).parent / "audit.jsonl"
 
 
 class NodeService:
@@ -56,6 +70,8 @@ class NodeService:
         self.state: StateStore | None = None
         self.listener: Listener | None = None
         self.dispatcher: Dispatcher | None = None
+        self.audit: AuditLog | None = None
+        self._stop_requested = threading.Event()
         self._stop = threading.Event()
         self._wake_scheduler = threading.Event()
         self._wake_sender = threading.Event()
@@ -66,18 +82,23 @@ class NodeService:
         s = self.settings
         for folder in (s.results_dir, s.failed_dir):
             ensure_dir(Path(folder))
+        self.audit = AuditLog(audit_path(s))
         self.state = StateStore(s.state_db)
         spool = Spool(s.spool_dir)
+        temp_files = spool.remove_stale_temp_files()
+        partial_dirs = self._remove_partial_folders()
         requeued = self.state.requeue_interrupted()
         adopted = self.state.adopt_spool_studies(spool.study_uids())
+        restarted = self.state.restart_quiet_periods()
         log_event(log, logging.INFO, "node_resumed", requeued=len(requeued), adopted=len(adopted),
+                  receiving=len(restarted), stale_temp_files=temp_files, partial_folders=partial_dirs,
                   state_db=s.state_db)
         self.dispatcher = Dispatcher(s, self.config, self.state, spool, self.model_path, self.device, self.log_level)
         self.dispatcher.start()
-        self.listener = Listener(s, spool, self.state)
+        self.listener = Listener(s, spool, self.state, self.audit)
         self.listener.start()
         completion = CompletionTracker(self.state, s.quiet_period_s)
-        sender = Sender(s, self.state)
+        sender = Sender(s, self.state, self.audit)
         self._threads = [
             threading.Thread(target=self._scheduler_loop, args=(completion,), name="node-scheduler", daemon=True),
             threading.Thread(target=self._sender_loop, args=(sender,), name="node-sender", daemon=True),
@@ -86,10 +107,24 @@ class NodeService:
             thread.start()
         self.state.set_info(pid=os.getpid(), started_at=time.time(), heartbeat_at=time.time(), ae_title=s.ae_title,
                             address=s.bind_address, port=self.listener.port, quiet_period_s=s.quiet_period_s,
-                            workers=s.workers, model_path=self.model_path, stopped_at="")
+                            workers=s.workers, model_path=self.model_path, stopped_at="",
+                            tls="on" if s.tls_enabled else "off")
+        self.audit.write("node_started", ae_title=s.ae_title, address=s.bind_address, port=self.listener.port,
+                         pid=os.getpid(), tls=s.tls_enabled, allowed_peers=[f"{p.ae_title}@{p.host or '*'}"
+                                                                             for p in s.allowed_peers])
         log_event(log, logging.INFO, "node_started", ae_title=s.ae_title, port=self.listener.port,
                   quiet_period_s=s.quiet_period_s, workers=s.workers,
                   destinations=",".join(f"{d.ae_title}@{d.host}:{d.port}" for d in s.destinations) or "none")
+
+    def _remove_partial_folders(self) -> int:
+        """Results and failed-study folders still named ``.incomplete-*`` were being written
+        when the node was killed; they are never published, so they can go."""
+        removed = 0
+        for root in (Path(self.settings.results_dir), Path(self.settings.failed_dir)):
+            for entry in root.glob(".incomplete-*") if root.is_dir() else []:
+                shutil.rmtree(entry, ignore_errors=True)
+                removed += 1
+        return removed
 
     @property
     def port(self) -> int:
@@ -97,29 +132,43 @@ class NodeService:
         return self.listener.port
 
     def stop(self) -> None:
-        """Stop accepting, stop the loops, end the workers, close the database."""
+        """Stop gracefully within ``shutdown_grace_s`` (see the module doc), then close."""
+        grace = max(0.0, float(self.settings.shutdown_grace_s))
+        deadline = time.monotonic() + grace
+        self._stop_requested.set()
+        if self.dispatcher is not None:
+            self.dispatcher.stop_accepting()
+        if self.listener is not None:
+            self.listener.stop(grace)
+        # Running analyses may finish meanwhile: the scheduler collects them, the sender sends.
+        while self.dispatcher is not None and self.dispatcher.busy and time.monotonic() < deadline:
+            time.sleep(0.1)
         self._stop.set()
         self._wake_scheduler.set()
         self._wake_sender.set()
-        if self.listener is not None:
-            self.listener.stop()
         for thread in self._threads:
             thread.join(timeout=30.0)
         if self.dispatcher is not None:
-            self.dispatcher.shutdown()
+            self.dispatcher.shutdown(max(0.0, deadline - time.monotonic()))
         if self.state is not None:
             self.state.set_info(stopped_at=time.time())
             self.state.close()
             self.state = None
+        if self.audit is not None:
+            self.audit.write("node_stopped", pid=os.getpid())
+            self.audit.close()
         log_event(log, logging.INFO, "node_stopped")
 
     def wait(self) -> None:
         """Block until :meth:`request_stop` is called (e.g. from a signal handler)."""
-        while not self._stop.wait(timeout=1.0):
+        while not self._stop_requested.wait(timeout=1.0):
             pass
 
     def request_stop(self) -> None:
-        self._stop.set()
+        """Begin stopping (safe in a signal handler): no new analysis from now on."""
+        if self.dispatcher is not None:
+            self.dispatcher.stop_accepting()
+        self._stop_requested.set()
 
     # ---- loops -----------------------------------------------------------------------------
 

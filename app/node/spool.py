@@ -19,12 +19,14 @@ components: a UID like ``../../etc`` can never leave the spool.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from paraspinal.results_folder import safe_uid_component
+_UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 
 
 class InvalidUID(ValueError):
@@ -32,12 +34,15 @@ class InvalidUID(ValueError):
 
 
 def validate_uid(uid: object, what: str = "UID") -> str:
-    """Return ``uid`` as a string when it is a valid DICOM UID, else raise :class:`InvalidUID`."""
+    """Return ``uid`` as a string when it is a valid DICOM UID, else raise :class:`InvalidUID`.
+
+    The whole text must match (``fullmatch``: a trailing newline, NUL or space is refused, not
+    tolerated the way ``re.match(...$)`` would), so the result is always a safe path component.
+    """
     text = "" if uid is None else str(uid)
-    try:
-        return safe_uid_component(text)
-    except ValueError:
-        raise InvalidUID(f"invalid {what}: {text[:80]!r}") from None
+    if not (0 < len(text) <= 64 and _UID.fullmatch(text)):
+        raise InvalidUID(f"invalid {what}: {text[:80]!r}")
+    return text
 
 
 def fsync_dir(path: Path) -> None:
@@ -166,3 +171,20 @@ class Spool:
     def free_mb(self) -> float:
         """Free space on the spool's file system, MiB."""
         return shutil.disk_usage(self.root).free / (1024 * 1024)
+
+    def remove_stale_temp_files(self, older_than_s: float = 0.0) -> int:
+        """Delete the hidden temp files of writes that never finished (the node was killed
+        between create and rename); returns how many. Only at start, when no write runs."""
+        removed = 0
+        now = time.time()
+        for dirpath, _, names in os.walk(self.root):
+            for name in names:
+                if name.startswith(".") and name.endswith(".tmp"):
+                    path = Path(dirpath) / name
+                    try:
+                        if now - path.stat().st_mtime >= older_than_s:
+                            path.unlink()
+                            removed += 1
+                    except OSError:
+                        continue
+        return removed

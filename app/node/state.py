@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from app.node.logs import uid_hash
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
     study_uid       TEXT PRIMARY KEY,
@@ -284,6 +286,26 @@ class StateStore:
                 self._enqueue(db, claim.study_uid, (outputs or []) if ok else [], destinations or [], now)
         return current
 
+    def release(self, claim: Claim) -> None:
+        """A claimed study that never reached a worker goes back to ``queued`` (the attempt
+        is not counted)."""
+        with self._tx() as db:
+            db.execute("UPDATE studies SET status='queued', attempts=MAX(0, attempts-1)"
+                       " WHERE study_uid=? AND status='processing'", (claim.study_uid,))
+
+    def restart_quiet_periods(self, now: float | None = None) -> list[str]:
+        """After a restart: studies still receiving get a whole quiet period from now.
+
+        While the node was down its peers could not send; the rest of a study cut off by the
+        stop arrives when they retry, and it should join the same analysis rather than find
+        the study's quiet period over and trigger a second one. Returns the studies concerned.
+        """
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            rows = db.execute("UPDATE studies SET last_received=? WHERE status='receiving' AND last_received < ?"
+                              " RETURNING study_uid", (now, now)).fetchall()
+        return [r["study_uid"] for r in rows]
+
     def requeue_interrupted(self) -> list[str]:
         """After a restart: analyses that were running are queued again; returns them."""
         with self._tx() as db:
@@ -402,7 +424,7 @@ class StateStore:
             "studies_total": sum(studies.values()),
             "instances_total": n_instances,
             "outbox": outbox,
-            "recent_studies": [dict(r) for r in recent_rows],
+            "recent_studies": [dict(r, study_hash=uid_hash(r["study_uid"])) for r in recent_rows],
             "dead_letters": [dict(r) for r in dead],
             "node": info,
         }

@@ -1,9 +1,13 @@
-"""``python -m app status``: what the node has received, analysed and sent, from its database."""
+"""``python -m app status``: what the node has received, analysed and sent, from its database;
+``--health``: whether it is alive (the container's HEALTHCHECK)."""
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from typing import Any
+
+from app.node.logs import uid_hash
 
 #: A node whose heartbeat is older than this is reported as not running, s.
 STALE_HEARTBEAT_S = 20.0
@@ -54,16 +58,56 @@ def format_status(summary: dict[str, Any], now: float | None = None) -> str:
     ]
     if summary["recent_studies"]:
         lines += ["", "Recent studies (newest first):",
-                  f"  {'StudyInstanceUID':<64} {'status':<10} {'inst':>5} {'outcome':<18} {'sent/pend/dead':>14}"
-                  f"  last instance    reason"]
+                  f"  {'StudyInstanceUID':<64} {'hash (logs)':<16} {'status':<10} {'inst':>5} {'outcome':<18}"
+                  f" {'sent/pend/dead':>14}  last instance    reason"]
         for s in summary["recent_studies"]:
             counts = f"{s['sent']}/{s['pending']}/{s['dead']}"
             reason = (s.get("reason") or "").replace("\n", " ")
-            lines.append(f"  {s['study_uid']:<64} {s['status']:<10} {s['instances']:>5} {s.get('outcome') or '-':<18}"
-                         f" {counts:>14}  {_ago(s['last_received'], now):<16} {reason[:80]}")
+            ref = s.get("study_hash") or uid_hash(s["study_uid"])
+            lines.append(f"  {s['study_uid']:<64} {ref:<16} {s['status']:<10} {s['instances']:>5}"
+                         f" {s.get('outcome') or '-':<18} {counts:>14}  {_ago(s['last_received'], now):<16}"
+                         f" {reason[:80]}")
     if summary["dead_letters"]:
         lines += ["", "Dead letters (not delivered after all retries):"]
         for d in summary["dead_letters"]:
             lines.append(f"  {d['sop_instance_uid']} -> {d['destination']}  attempts {d['attempts']}"
                          f"  last error: {d['last_status']}  (study {d['study_uid']})")
     return "\n".join(lines)
+
+
+def health(settings, info: dict[str, str], now: float | None = None) -> tuple[bool, str]:
+    """Is the node healthy? Its heartbeat (written every few seconds by the scheduler) must be
+    younger than ``health_max_heartbeat_age_s`` and its listener must answer a C-ECHO from
+    ``health_check_ae_title`` (over TLS when the listener uses TLS).
+
+    Returns (healthy, one line saying why).
+    """
+    from app.node.net import echo
+
+    now = time.time() if now is None else now
+    beat = _float(info.get("heartbeat_at"))
+    if beat is None:
+        return False, "no heartbeat recorded (the node has not started with this state database)"
+    age = now - beat
+    started, stopped = _float(info.get("started_at")), _float(info.get("stopped_at"))
+    if stopped is not None and (started is None or stopped >= started):
+        return False, f"the node stopped {_ago(stopped, now)}"
+    if age > settings.health_max_heartbeat_age_s:
+        return False, f"heartbeat {age:.0f} s old (limit {settings.health_max_heartbeat_age_s:g} s)"
+    host = settings.bind_address
+    try:
+        if ipaddress.ip_address(host).is_unspecified:
+            host = "::1" if ipaddress.ip_address(host).version == 6 else "127.0.0.1"
+    except ValueError:
+        pass
+    port = int(info.get("port") or settings.port)
+    tls = None
+    if settings.tls_enabled:
+        from app.node.listener import client_ssl_context
+
+        tls = client_ssl_context(settings)
+    status = echo(host, port, settings.ae_title, settings.health_check_ae_title, timeout_s=5.0, tls_context=tls)
+    if status != 0:
+        return False, f"listener {host}:{port} did not answer C-ECHO" + ("" if status is None else
+                                                                       f" with success (0x{status:04X})")
+    return True, f"ok: heartbeat {age:.0f} s old, C-ECHO {host}:{port} answered"
