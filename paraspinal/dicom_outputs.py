@@ -10,6 +10,7 @@ silently replacing old ones.
 from __future__ import annotations
 
 import hashlib
+import uuid
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -30,8 +31,12 @@ SOFTWARE_VERSION = "0.1.0"
 
 
 def stable_uid(*parts: str) -> str:
-    """A UID determined by ``parts`` (pydicom's 2.25 hash-based UID)."""
-    return generate_uid(prefix=None, entropy_srcs=[str(p) for p in parts])
+    """A UID determined by ``parts``: ``2.25.<integer of a UUID made from their SHA-256>``.
+
+    (pydicom's ``generate_uid(prefix=None, entropy_srcs=...)`` ignores the sources and is random.)
+    """
+    digest = hashlib.sha256("\x00".join(str(p) for p in parts).encode()).digest()
+    return f"2.25.{uuid.UUID(bytes=digest[:16], version=4).int}"
 
 
 def coded(code: Code) -> hd.sr.CodedConcept:

@@ -205,3 +205,12 @@ def test_disc_angled_stacks_map_back_exactly_and_share_one_report(tmp_path, bund
     groups = hd.sr.srread(sr_path).content.get_volumetric_roi_measurement_groups()
     referenced = {g.referenced_segment.referenced_sop_instance_uid for g in groups}
     assert referenced == {str(seg.dataset.SOPInstanceUID) for _, seg, _ in results}
+
+
+def test_output_uids_are_stable_for_the_same_input_and_change_with_it():
+    from paraspinal.dicom_outputs import stable_uid
+
+    first = stable_uid("1.2.3", "1", "weights", "seg-instance")
+    assert first == stable_uid("1.2.3", "1", "weights", "seg-instance")
+    assert first != stable_uid("1.2.3", "1", "other weights", "seg-instance")
+    assert first.startswith("2.25.") and len(first) <= 64
