@@ -17,7 +17,6 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
 
 from app.config import OutputSettings
 from paraspinal.model_bundle import Code, LabelInfo, ModelBundle
