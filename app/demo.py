@@ -146,7 +146,8 @@ def _print_measurements(csv_path: Path) -> None:
     print(header)
     print("  " + "-" * (len(header) - 2))
     for r in rows:
-        print(f"  {r.get('stack', ''):>5}  {r.get('muscle', ''):<20} {r.get('side', ''):<5} {r.get('found', ''):<5}"
+        muscle = r.get("muscle", "") + (f" @{r['level']}" if r.get("level") else "")  # per-level rows
+        print(f"  {r.get('stack', ''):>5}  {muscle:<20} {r.get('side', ''):<5} {r.get('found', ''):<5}"
               f" {_fmt(r.get('volume_cm3', ''), 1):>10} {_fmt(r.get('mean_csa_mm2', ''), 0):>12}"
               f" {_fmt(r.get('max_csa_mm2', ''), 0):>11} {_fmt(r.get('fat_fraction_pct', ''), 1):>6}"
               f" {r.get('n_slices_with_muscle', ''):>6}")

@@ -7,6 +7,7 @@ from monai.deploy.core import Fragment
 from app.config import QuantificationSettings
 from operators.study_stage import StudyStageOperator
 from paraspinal.dixon import DixonPair, find_dixon_pair, pdff_on_stack
+from paraspinal.levels import SliceLevels, StudyLevelSources, determine_levels
 from paraspinal.model_bundle import ModelBundle
 from paraspinal.quantification import measure_stack
 from paraspinal.study_job import JobStatus, StackWork, StudyJob
@@ -17,6 +18,9 @@ class QuantificationOperator(StudyStageOperator):
     :mod:`paraspinal.quantification`), and, when ``dixon_pdff`` is ``auto`` and the study holds a
     Dixon water/fat pair on the stack's frame of reference (:mod:`paraspinal.dixon`), the PDFF
     inside the same masks. A Dixon pair that cannot be read costs only the PDFF, not the study.
+    Each slice's lumbar level comes from a SEG in the study labelling vertebrae/discs on the stack's
+    frame of reference (:mod:`paraspinal.levels`); without one, or when it cannot be used, slices
+    are reported by position, and an error there costs only the levels, not the study.
 
     A study in which no muscle is found at all ends as ``no_suitable_series``: the images were
     accepted by the rules but show no lumbar paraspinal muscle (wrong anatomy or failed model).
@@ -51,14 +55,31 @@ class QuantificationOperator(StudyStageOperator):
         self._logger.info("study %s stack %d: Dixon PDFF from %s", job.study_uid, work.volume.index, pair.reason)
         return pdff, pair.as_dict()
 
+    def _levels(self, job: StudyJob, work: StackWork, sources: list) -> SliceLevels:
+        try:
+            if not sources:
+                sources.append(StudyLevelSources(job.study))
+            levels = sources[0].levels_for(work.volume, work.labels)
+        except Exception as exc:  # a broken labelled source costs only the levels
+            self._logger.warning("study %s stack %d: levels not determined: %s: %s", job.study_uid,
+                                 work.volume.index, type(exc).__name__, exc)
+            return determine_levels(work.volume.n_slices, f"level unknown: the labelled source could not be used "
+                                    f"({type(exc).__name__}); measurements are reported by slice position "
+                                    "(LPS z of the slice centre, head +)")
+        known = sum(1 for level in levels.levels if level)
+        self._logger.info("study %s stack %d: %d of %d slices with a lumbar level (%s)", job.study_uid,
+                          work.volume.index, known, work.volume.n_slices, levels.method[:200])
+        return levels
+
     def process(self, job: StudyJob) -> None:
         pairs: dict[str, tuple[DixonPair | None, str]] = {}
+        level_sources: list = []
         for work in job.stacks:
             pdff, source = (self._pdff(job, work, pairs) if self.settings.dixon_pdff == "auto" else (None, None))
             work.measurements = measure_stack(work.volume, work.labels, self.bundle.labels,
                                               self.settings.fat_method, self.settings.min_muscle_voxels,
                                               bias_correction=self.settings.bias_correction, pdff=pdff,
-                                              pdff_source=source)
+                                              pdff_source=source, levels=self._levels(job, work, level_sources))
         if not any(m.found for w in job.stacks for m in w.measurements):
             job.status = JobStatus.NO_SUITABLE_SERIES
             job.reason = "no paraspinal muscle found in the chosen series (not lumbar anatomy?)"

@@ -21,7 +21,8 @@ from pydicom.sr.codedict import codes
 from app.config import OutputSettings
 from paraspinal.model_bundle import Code, LabelInfo, ModelBundle
 from paraspinal.fat_methods import fat_method
-from paraspinal.quantification import MuscleMeasurement
+from paraspinal.levels import spine_level
+from paraspinal.quantification import LevelMeasure, MuscleMeasurement
 from paraspinal.stacks import StackVolume
 
 # No standard code names these methods; a private scheme (99-prefixed, DICOM PS3.16 8.2) is honest.
@@ -165,6 +166,13 @@ def _slice_tracking(stack: StackVolume, m: MuscleMeasurement, info: LabelInfo, b
     )
 
 
+def level_site(name: str) -> hd.sr.FindingSite:
+    """The finding site naming a lumbar level: "Level of L4/L5 intervertebral disc" (CID 1003) for a
+    disc level, the vertebra ("L4 vertebra", CID 7603) for a vertebral level (see :mod:`paraspinal.levels`)."""
+    value, scheme, meaning = spine_level(name).site_code()
+    return hd.sr.FindingSite(anatomic_location=hd.sr.CodedConcept(value, scheme, meaning))
+
+
 #: Concepts every per-slice group uses, as highdicom objects made once. Content items hold their
 #: concepts by reference, so one object may sit in many items; nothing edits them afterwards.
 AREA = hd.sr.CodedConcept.from_code(codes.SCT.Area)
@@ -208,6 +216,8 @@ def _slice_group(seg: SegmentationResult, frames: dict[tuple[int, str], int], st
         return None
     parts = parts or _MuscleParts.of(m, info, bundle)
     algorithm = parts.algorithm
+    level = m.slice_level[k] if k < len(m.slice_level) else None
+    sites = [parts.site, level_site(level)] if level else [parts.site]
     if dixon:
         method = DIXON_PDFF_METHOD
         measurements = [hd.sr.Measurement(name=FAT_FRACTION, value=m.slice_pdff_pct[k], unit=PERCENT,
@@ -233,7 +243,7 @@ def _slice_group(seg: SegmentationResult, frames: dict[tuple[int, str], int], st
         ),
         finding_type=parts.finding_type,
         method=method,
-        finding_sites=[parts.site],
+        finding_sites=sites,
         algorithm_id=None if dixon else algorithm,
         measurements=measurements,
     )
@@ -305,6 +315,39 @@ def _measurement_group(seg: SegmentationResult, stack: StackVolume, m: MuscleMea
     )
 
 
+def _level_group(seg: SegmentationResult, stack: StackVolume, m: MuscleMeasurement, info: LabelInfo,
+                 bundle: ModelBundle, lm: LevelMeasure) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """TID 1411 group of one muscle and side over the slices at one lumbar level: mean area (mm2)
+    and fat fraction (%) by the T2 method over those slices; finding sites the muscle (with its
+    laterality) and the level; the reference is the muscle's SEG segment with the source images
+    of that level's slices."""
+    algorithm = hd.sr.AlgorithmIdentification(name=bundle.name, version=bundle.version)
+    method = fat_method_concept(m.fat_method, m.bias_correction)
+    measurements = [hd.sr.Measurement(name=AREA, value=lm.mean_csa_mm2, unit=UNIT_MM2, derivation=codes.SCT.Mean,
+                                      algorithm_id=algorithm)]
+    if lm.fat_fraction_pct is not None:
+        measurements.append(hd.sr.Measurement(name=FAT_FRACTION, value=lm.fat_fraction_pct, unit=PERCENT,
+                                              method=method, algorithm_id=algorithm))
+    sources = [hd.sr.SourceImageForSegmentation(str(stack.datasets[k].SOPClassUID),
+                                                str(stack.datasets[k].SOPInstanceUID)) for k in lm.slices]
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=stable_uid(stack.series_uid, str(stack.index), bundle.weights_sha256, "level", str(info.value),
+                           lm.level),
+            identifier=f"stack {stack.index} {info.name} level {lm.level}"[:64],
+        ),
+        referenced_segment=hd.sr.ReferencedSegment(
+            sop_class_uid=seg.dataset.SOPClassUID, sop_instance_uid=seg.dataset.SOPInstanceUID,
+            segment_number=seg.segment_numbers[info.value], source_images=sources),
+        finding_type=coded(info.code),
+        method=method,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=coded(info.code), laterality=coded(info.laterality)),
+                       level_site(lm.level)],
+        algorithm_id=algorithm,
+        measurements=measurements,
+    )
+
+
 def _dixon_group(seg: SegmentationResult, stack: StackVolume, m: MuscleMeasurement, info: LabelInfo,
                  bundle: ModelBundle) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
     """TID 1411 group with the Dixon PDFF (%) inside the same segment, method DIXONPDFF."""
@@ -333,6 +376,10 @@ def build_measurement_report(results: list[tuple[StackVolume, SegmentationResult
     * per found muscle, side and stack, a volumetric group (TID 1411) "stack N <muscle> <side>":
       volume, mean and max CSA, fat fraction by the T2 method, asymmetry index, Goutallier grade;
     * where Dixon PDFF was measured, a volumetric group "... PDFF" with the PDFF;
+    * per lumbar level determined for slices holding the muscle, a volumetric group
+      "stack N <muscle> <side> level <L>" with the mean CSA (mm2) and fat fraction (%) over the
+      slices at that level, finding sites the muscle and the level, referencing the segment and
+      the source images of those slices;
     * with ``per_slice_groups``, per slice holding the muscle, a planar group (TID 1410)
       "stack N <muscle> <side> slice K z <z> mm" (or "level <L>" where determined) with CSA, fat
       CSA, lean CSA (mm2) and fat fraction (%), and where measured "... PDFF" with the slice PDFF.
@@ -345,6 +392,7 @@ def build_measurement_report(results: list[tuple[StackVolume, SegmentationResult
     """
     groups: list = []
     pdff_groups: list = []
+    level_groups: list = []
     slice_groups: list = []
     for stack, seg, measures in results:
         frames = seg_frame_numbers(seg.dataset) if per_slice_groups else {}
@@ -355,6 +403,8 @@ def build_measurement_report(results: list[tuple[StackVolume, SegmentationResult
             groups.append(_measurement_group(seg, stack, m, info, bundle))
             if m.pdff_pct is not None:
                 pdff_groups.append(_dixon_group(seg, stack, m, info, bundle))
+            for lm in m.level_measures:
+                level_groups.append(_level_group(seg, stack, m, info, bundle, lm))
             if per_slice_groups:
                 parts = _MuscleParts.of(m, info, bundle)
                 for k in m.present_slices:
@@ -367,14 +417,14 @@ def build_measurement_report(results: list[tuple[StackVolume, SegmentationResult
     first_stack = results[0][0]
     key = [first_stack.series_uid, bundle.weights_sha256] + [s.dataset.SOPInstanceUID for _, s, _ in results]
     evidence = [seg.dataset for _, seg, _ in results] + [ds for stack, _, _ in results for ds in stack.datasets]
-    report = _measurement_report(groups + pdff_groups + slice_groups, bundle, settings)
+    report = _measurement_report(groups + pdff_groups + level_groups + slice_groups, bundle, settings)
     # highdicom's SR constructor deep-copies and re-parses the whole content tree and searches it
     # for references: seconds for thousands of per-slice items that highdicom built and checked
     # when they were made. It gets the same report without the per-slice groups; the complete
     # report's root then replaces that content (exactly what the constructor copies from the
     # content it is given), and their references are checked against the evidence here.
     light_content = light_content and bool(slice_groups)
-    light = _measurement_report(groups + pdff_groups, bundle, settings) if light_content else report
+    light = _measurement_report(groups + pdff_groups + level_groups, bundle, settings) if light_content else report
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=light,

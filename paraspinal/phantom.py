@@ -319,6 +319,33 @@ class LumbarPhantom(_Renderer):
         """LPS mm of the centre of each lumbar disc (L1/L2 .. L5/S1)."""
         return {name: np.array([0.0, float(self.spine_y(z)), float(z)]) for name, z in zip(DISC_NAMES, self.disc_z)}
 
+    def level_z_ranges(self) -> dict[str, tuple[float, float]]:
+        """(z low, z high) mm of each disc (L1/L2 .. L5/S1) and vertebral body (L1 .. S1) of the
+        phantom, as :meth:`spine_levels_at` labels them: a disc is its vertebral-body outline within
+        its half-height of the disc centre; a body fills the space between two discs (L1 up to one
+        level height above L1/L2 less a disc half-height, S1 down to the bottom of :attr:`z_range`)."""
+        discs = {name: (float(z - h), float(z + h)) for name, z, h in zip(DISC_NAMES, self.disc_z, self.disc_half)}
+        names = [n.split("/")[0] for n in DISC_NAMES] + ["S1"]  # L1 .. L5, S1: the body above each disc, then S1
+        tops = [float(self.disc_z[0] + self.level_height - self.disc_half[0])] + [discs[n][0] for n in DISC_NAMES]
+        bottoms = [discs[n][1] for n in DISC_NAMES] + [self.z_range[0]]
+        bodies = {name: (bottom, top) for name, top, bottom in zip(names, tops, bottoms)}
+        return {**discs, **bodies}
+
+    def spine_levels_at(self, points_lps: np.ndarray) -> list[str | None]:
+        """The disc ("L4/L5") or vertebral body ("L4") at each LPS point (N, 3), ``None`` elsewhere
+        (posterior elements, canal and soft tissue are not labelled); see :meth:`level_z_ranges`."""
+        pts = np.asarray(points_lps, dtype=np.float64).reshape(-1, 3)
+        x, y, z = pts[:, 0], pts[:, 1], pts[:, 2]
+        w, d = self._vertebra(self._caudal(z))
+        in_body_outline = _superellipse(x / w, (y - self.spine_y(z)) / d, 2.5) < 1
+        ranges = self.level_z_ranges()
+        names = sorted(ranges, key=lambda n: "/" in n)  # bodies first: a disc wins where a range touches it
+        index = np.full(len(pts), -1)
+        for i, name in enumerate(names):
+            lo, hi = ranges[name]
+            index[in_body_outline & (z >= lo) & (z < hi)] = i
+        return [names[i] if i >= 0 else None for i in index]
+
     def labels_at(self, points_lps: np.ndarray) -> np.ndarray:
         """Muscle label (uint8, 0..8) at each LPS point (N, 3) in mm."""
         return self._classify(np.asarray(points_lps, dtype=np.float64).reshape(-1, 3))[0]

@@ -23,7 +23,13 @@ Units and definitions (what the SR, measurements.json/csv and the PDF report car
   slice and per stack, reported beside the T2 method's fat fraction.
 
 Slices are reported by position (``slice_z_mm``, LPS z of the slice centre, head +) and by
-lumbar level only where :mod:`paraspinal.levels` determined it (this version never does).
+lumbar level only where :mod:`paraspinal.levels` determined it (from a SEG labelling the study's
+vertebrae/discs on the same frame of reference; never guessed). Per determined level, over the
+slices at that level that hold the muscle (:class:`LevelMeasure`):
+
+* mean CSA, mm²: the mean of those slices' CSA;
+* fat fraction, %: their fat CSA over their CSA (the slice fat fractions weighted by CSA);
+* PDFF, %: where measured, the slice PDFFs weighted by CSA (slices without a PDFF left out).
 """
 
 from __future__ import annotations
@@ -34,12 +40,12 @@ import numpy as np
 
 from paraspinal.fat_methods import FAT_METHODS, FatResult, n4_bias_correct, separate_fat
 from paraspinal.fat_methods import fat_method as lookup_fat_method
-from paraspinal.levels import SliceLevels, determine_levels
+from paraspinal.levels import SliceLevels, determine_levels, level_sort_key, spine_level
 from paraspinal.model_bundle import LabelInfo
 from paraspinal.stacks import StackVolume
 
-__all__ = ["FAT_METHODS", "BIAS_CORRECTIONS", "GOUTALLIER_GRADES", "MuscleMeasurement", "asymmetry_index",
-           "goutallier_grade", "measure_stack"]
+__all__ = ["FAT_METHODS", "BIAS_CORRECTIONS", "GOUTALLIER_GRADES", "LevelMeasure", "MuscleMeasurement",
+           "asymmetry_index", "goutallier_grade", "level_measures", "measure_stack"]
 
 BIAS_CORRECTIONS = ("none", "n4")
 #: Simplified Goutallier grades (Baur et al.), from the fat fraction in %.
@@ -64,6 +70,20 @@ def asymmetry_index(right: float | None, left: float | None) -> float | None:
     if right is None or left is None or right < 0 or left < 0 or right + left == 0:
         return None
     return 100.0 * abs(right - left) / ((right + left) / 2.0)
+
+
+@dataclass
+class LevelMeasure:
+    """Measures of one muscle and side over the slices at one lumbar level (``slices``: their
+    0-based indices in the stack, only those holding the muscle). Areas in mm², fractions in %."""
+
+    level: str  # "L4/L5" (disc) or "L4" (vertebral body)
+    kind: str  # "disc" or "vertebra"
+    slices: list[int]
+    n_slices_with_muscle: int
+    mean_csa_mm2: float
+    fat_fraction_pct: float | None
+    pdff_pct: float | None = None
 
 
 @dataclass
@@ -99,6 +119,8 @@ class MuscleMeasurement:
     asymmetry_index_pct: float | None = None
     goutallier_grade: str | None = None
     level_method: str = ""
+    level_sources: list[dict] = field(default_factory=list)
+    level_measures: list[LevelMeasure] = field(default_factory=list)
     pdff_source: dict | None = None
     fat_method_details: dict = field(default_factory=dict)
 
@@ -167,6 +189,8 @@ def measure_stack(stack: StackVolume, labels: np.ndarray, label_table: tuple[Lab
     if pdff is not None and pdff.shape != stack.pixels.shape:
         raise ValueError(f"PDFF volume {pdff.shape} does not match the stack {stack.pixels.shape}")
     levels = levels or determine_levels(stack.n_slices)
+    if len(levels.levels) != stack.n_slices:
+        raise ValueError(f"{len(levels.levels)} slice levels for a stack of {stack.n_slices} slices")
     z = _slice_centres_z(stack)
     area = stack.pixel_area_mm2
     counts = {info.value: int((labels == info.value).sum()) for info in label_table}
@@ -183,7 +207,7 @@ def measure_stack(stack: StackVolume, labels: np.ndarray, label_table: tuple[Lab
         is_found = info.value in found
         result = MuscleMeasurement(info.value, info.muscle, info.side, stack.index, is_found, n_voxels,
                                    fat_method, bias_correction, slice_z_mm=z, slice_level=list(levels.levels),
-                                   level_method=levels.method,
+                                   level_method=levels.method, level_sources=list(levels.sources),
                                    pdff_source=pdff_source if pdff is not None else None)
         per_slice_voxels = mask.sum(axis=(1, 2))
         per_slice_fat = np.where(mask, fat.share, 0.0).sum(axis=(1, 2)) if is_found else np.zeros(stack.n_slices)
@@ -205,9 +229,34 @@ def measure_stack(stack: StackVolume, labels: np.ndarray, label_table: tuple[Lab
             result.fat_method_details = _details(fat, info.value)
             if pdff is not None:
                 result.slice_pdff_pct, result.pdff_pct = _pdff_in_mask(pdff, mask)
+            result.level_measures = level_measures(result)
         results.append(result)
     _set_asymmetry(results)
     return results
+
+
+def level_measures(m: MuscleMeasurement) -> list[LevelMeasure]:
+    """Per determined level (head to feet), the muscle's measures over the slices at that level
+    that hold it (definitions in the module docstring); levels where it is absent are left out."""
+    by_level: dict[str, list[int]] = {}
+    for k, level in enumerate(m.slice_level):
+        if level and k < len(m.slice_csa_mm2) and m.slice_csa_mm2[k] > 0:
+            by_level.setdefault(level, []).append(k)
+    out = []
+    for level in sorted(by_level, key=level_sort_key):
+        ks = by_level[level]
+        csa = np.array([m.slice_csa_mm2[k] for k in ks], dtype=np.float64)
+        fat = np.array([m.slice_fat_csa_mm2[k] for k in ks], dtype=np.float64)
+        known = [(m.slice_pdff_pct[k], m.slice_csa_mm2[k]) for k in ks
+                 if k < len(m.slice_pdff_pct) and m.slice_pdff_pct[k] is not None]
+        pdff = (round(sum(p * a for p, a in known) / sum(a for _, a in known), 2)
+                if known and sum(a for _, a in known) > 0 else None)
+        out.append(LevelMeasure(level=level, kind=spine_level(level).kind, slices=ks, n_slices_with_muscle=len(ks),
+                                mean_csa_mm2=round(float(csa.mean()), 2),
+                                fat_fraction_pct=round(100.0 * float(fat.sum() / csa.sum()), 2) if csa.sum() > 0
+                                else None,
+                                pdff_pct=pdff))
+    return out
 
 
 def _pdff_in_mask(pdff: np.ndarray, mask: np.ndarray) -> tuple[list[float | None], float | None]:

@@ -7,12 +7,16 @@ radiologist falls back on. The report holds, in this order:
    how slices are located (lumbar level or slice position), the research-use statement, a
    table of the stack measures per muscle and side, and a bar chart of fat fraction per muscle
    and side (Dixon PDFF beside it when measured, Goutallier boundaries drawn);
-2. key images: the stack's slices with muscle are split into bands of about 30 mm along z; the
-   slice with the largest total muscle area of each band is shown with the segmentation as
+2. where lumbar levels were determined (:mod:`paraspinal.levels`), a per-level table: per level
+   (head to feet) the mean CSA (mm²) and fat fraction (%) of every muscle over the slices at
+   that level;
+3. key images: one per lumbar level where levels were determined; the stack's other slices with
+   muscle (all of them without levels) are split into bands of about 30 mm along z; the slice
+   with the largest total muscle area of each level or band is shown with the segmentation as
    coloured overlays (bundle colours), a legend and orientation letters, in radiological
    display (patient's right on the image's left, anterior up);
-3. per-slice tables: CSA (mm²) and fat fraction (%) of every muscle on every slice, by slice
-   position (or level where determined).
+4. per-slice tables: CSA (mm²) and fat fraction (%) of every muscle on every slice, by slice
+   position and level ("unknown" where not determined).
 
 Every page carries the research-use statement in its footer.
 """
@@ -38,6 +42,7 @@ from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID  # no
 
 from app.config import RESEARCH_USE_STATEMENT  # noqa: E402
 from paraspinal.fat_methods import body_mask, fat_method  # noqa: E402
+from paraspinal.levels import level_sort_key  # noqa: E402
 from paraspinal.model_bundle import LabelInfo  # noqa: E402
 from paraspinal.quantification import MuscleMeasurement  # noqa: E402
 from paraspinal.stacks import StackVolume  # noqa: E402
@@ -341,16 +346,29 @@ def _zoom_on_muscles(view: np.ndarray, lab: np.ndarray, margin_px: int) -> tuple
 
 
 def _band_panels(stacks: list[ReportStack]) -> list[tuple]:
+    """(stack, key slice, slices, z, levels, title) of each key image: one per lumbar level (head
+    to feet), then one per ~30 mm band of the slices with muscle that have no level."""
     panels = []
     for s in stacks:
         present = sorted({k for m in s.measurements if m.found for k in m.present_slices})
         z = next((m.slice_z_mm for m in s.measurements), [])
         levels = next((m.slice_level for m in s.measurements), [])
-        for i, band in enumerate(slice_bands(z, present)):
+        by_level: dict[str, list[int]] = {}
+        for k in present:
+            if k < len(levels) and levels[k]:
+                by_level.setdefault(levels[k], []).append(k)
+        groups = [(f"level {name}", by_level[name]) for name in sorted(by_level, key=level_sort_key)]
+        rest = [k for k in present if not (k < len(levels) and levels[k])]
+        groups += [(f"band {i + 1}", band) for i, band in enumerate(slice_bands(z, rest))]
+        for title, band in groups:
             areas = [(s.labels[k] > 0).sum() for k in band]
             key = band[int(np.argmax(areas))]
-            panels.append((s, key, band, z, levels, i + 1))
+            panels.append((s, key, band, z, levels, title))
     return panels
+
+
+def _levels_determined(stacks: list[ReportStack]) -> bool:
+    return any(m.level_measures for s in stacks for m in s.measurements if m.found)
 
 
 def _key_image_pages(pdf, stacks: list[ReportStack], labels: tuple[LabelInfo, ...], page: int, total: int,
@@ -361,11 +379,13 @@ def _key_image_pages(pdf, stacks: list[ReportStack], labels: tuple[LabelInfo, ..
     names = {info.value: f"{info.muscle} {SHORT_SIDE.get(info.side, info.side)}" for info in labels}
     for start in range(0, len(panels), BANDS_PER_PAGE):
         fig = plt.figure(figsize=A4_PORTRAIT)
-        fig.text(0.05, 0.962, "Key images: segmentation on the T2, one slice per band of ~30 mm", fontsize=11,
-                 weight="bold")
+        by_level = _levels_determined(stacks)
+        fig.text(0.05, 0.962, "Key images: segmentation on the T2, one slice per "
+                 + ("lumbar level" if by_level else "band of ~30 mm"), fontsize=11, weight="bold")
         fig.text(0.05, 0.945, "Radiological view: patient's right on the image's left, anterior up. Left: whole "
-                 "section; right: zoom, outlines only (fat stays visible).", fontsize=7.5)
-        for j, (s, key, band, z, levels, number) in enumerate(panels[start:start + BANDS_PER_PAGE]):
+                 "section; right: zoom, outlines only (fat stays visible)."
+                 + (" Slices without a level: one per band of ~30 mm." if by_level else ""), fontsize=7.5)
+        for j, (s, key, band, z, levels, title) in enumerate(panels[start:start + BANDS_PER_PAGE]):
             top = 0.915 - j * 0.29
             image = s.volume.pixels[key].astype(np.float64)
             inside = image[image > 0]
@@ -375,10 +395,10 @@ def _key_image_pages(pdf, stacks: list[ReportStack], labels: tuple[LabelInfo, ..
             body_view, body_lab = _crop_to_body(view, lab)
             margin = int(round(15.0 / max(0.1, min(s.volume.pixel_spacing_mm))))
             zoom_view, zoom_lab = _zoom_on_muscles(view, lab, margin)
-            where = (f"level {levels[key]}" if key < len(levels) and levels[key]
+            where = (f"z {z[key]:+.1f} mm, level {levels[key]}" if key < len(levels) and levels[key]
                      else f"z {z[key]:+.1f} mm (lumbar level not determined)")
             zs = [z[k] for k in band]
-            fig.text(0.05, top, f"Stack {s.volume.index}, band {number}: slices at z {min(zs):+.0f} to "
+            fig.text(0.05, top, f"Stack {s.volume.index}, {title}: slices at z {min(zs):+.0f} to "
                      f"{max(zs):+.0f} mm - key slice {key + 1} of {s.volume.n_slices}, {where}", fontsize=8,
                      weight="bold", va="top")
             ax_body = fig.add_axes([0.03, top - 0.245, 0.52, 0.225])
@@ -397,6 +417,72 @@ def _key_image_pages(pdf, stacks: list[ReportStack], labels: tuple[LabelInfo, ..
     return page
 
 
+def _abbreviated(m: MuscleMeasurement) -> str:
+    return _short(m).replace("erector spinae", "ES").replace("multifidus", "MF").replace(
+        "psoas major", "PM").replace("quadratus lumborum", "QL")
+
+
+def _level_rows(stacks: list[ReportStack]) -> list[tuple[ReportStack, list[MuscleMeasurement], list[str]]]:
+    """Per stack with levels: its found muscles and its levels (head to feet)."""
+    out = []
+    for s in stacks:
+        found = [m for m in s.measurements if m.found]
+        names = sorted({lm.level for m in found for lm in m.level_measures}, key=level_sort_key)
+        if names:
+            out.append((s, found, names))
+    return out
+
+
+def _level_table_page_count(stacks: list[ReportStack]) -> int:
+    return sum(int(math.ceil(len(names) / SLICE_ROWS_PER_PAGE)) for _, _, names in _level_rows(stacks))
+
+
+def _level_table_pages(pdf, stacks: list[ReportStack], page: int, total: int, generated: str) -> int:
+    """Per stack with lumbar levels: one row per level, mean CSA (mm²) / fat fraction (%) per muscle."""
+    for s, found, names in _level_rows(stacks):
+        any_pdff = any(lm.pdff_pct is not None for m in found for lm in m.level_measures)
+        for start in range(0, len(names), SLICE_ROWS_PER_PAGE):
+            fig = plt.figure(figsize=A4_LANDSCAPE)
+            fig.text(0.04, 0.95, f"Per lumbar level, stack {s.volume.index}: mean CSA (mm²) / fat fraction (%) over "
+                     "the slices at that level" + ("; Dixon PDFF (%) in brackets" if any_pdff else ""),
+                     fontsize=10, weight="bold")
+            fig.text(0.04, 0.905, "\n".join(textwrap.wrap(found[0].level_method, 190)), fontsize=6.5, va="bottom")
+            columns = ["level", "slices"] + [_abbreviated(m) for m in found]
+            cells = []
+            for name in names[start:start + SLICE_ROWS_PER_PAGE]:
+                slices = sorted({k for m in found for lm in m.level_measures if lm.level == name for k in lm.slices})
+                row = [name, ", ".join(str(k + 1) for k in slices)]
+                for m in found:
+                    lm = next((x for x in m.level_measures if x.level == name), None)
+                    if lm is None:
+                        row.append("")
+                        continue
+                    text = f"{lm.mean_csa_mm2:.0f} / {_fmt(lm.fat_fraction_pct, 1)}"
+                    if lm.pdff_pct is not None:
+                        text += f" [{lm.pdff_pct:.1f}]"
+                    row.append(text)
+                cells.append(row)
+            ax = fig.add_axes([0.03, 0.08, 0.94, 0.80])
+            ax.axis("off")
+            table = ax.table(cellText=cells, colLabels=columns, loc="upper center", cellLoc="center")
+            table.auto_set_font_size(False)
+            table.set_fontsize(7)
+            table.scale(1.0, 1.3)
+            for (r, _c), cell in table.get_celld().items():
+                cell.set_linewidth(0.3)
+                if r == 0:
+                    cell.set_facecolor("#e8e8e8")
+            note = ("Levels from head to feet; a disc level (L4/L5) holds the slices through that disc, a vertebral "
+                    "level (L4) the slices through that vertebral body; slices: numbers in the stack. MF multifidus, "
+                    "ES erector spinae, PM psoas major, QL quadratus lumborum; R/L patient's right/left.")
+            fig.text(0.04, 0.06, "\n".join(textwrap.wrap(note, 170)), fontsize=7, va="bottom")
+            _footer(fig, page, total, generated)
+            pdf.savefig(fig)
+            plt.close(fig)
+            page += 1
+    return page
+
+
 def _slice_table_pages(pdf, stacks: list[ReportStack], page: int, total: int, generated: str) -> int:
     rows_per_page = SLICE_ROWS_PER_PAGE
     for s in stacks:
@@ -410,9 +496,8 @@ def _slice_table_pages(pdf, stacks: list[ReportStack], page: int, total: int, ge
             fig.text(0.04, 0.95, f"Per slice, stack {s.volume.index}: CSA (mm²) / fat fraction (%)"
                      + ("; Dixon PDFF (%) in brackets" if any(m.pdff_pct is not None for m in found) else ""),
                      fontsize=10, weight="bold")
-            fig.text(0.04, 0.925, found[0].level_method, fontsize=7)
-            columns = ["slice", "z (mm)", "level"] + [_short(m).replace("erector spinae", "ES").replace(
-                "multifidus", "MF").replace("psoas major", "PM").replace("quadratus lumborum", "QL") for m in found]
+            fig.text(0.04, 0.912, "\n".join(textwrap.wrap(found[0].level_method, 190)), fontsize=6.5, va="bottom")
+            columns = ["slice", "z (mm)", "level"] + [_abbreviated(m) for m in found]
             cells = []
             for k in chunk:
                 row = [str(k + 1), f"{found[0].slice_z_mm[k]:+.1f}", found[0].slice_level[k] or "unknown"]
@@ -450,7 +535,8 @@ def _count_pages(stacks: list[ReportStack]) -> int:
         present = {k for m in s.measurements if m.found for k in m.present_slices}
         if present:
             table_pages += int(math.ceil(len(present) / SLICE_ROWS_PER_PAGE))
-    return 1 + int(math.ceil(len(_band_panels(stacks)) / BANDS_PER_PAGE)) + table_pages
+    return (1 + _level_table_page_count(stacks) + int(math.ceil(len(_band_panels(stacks)) / BANDS_PER_PAGE))
+            + table_pages)
 
 
 def render_report_pdf(source: Dataset, stacks: list[ReportStack], labels: tuple[LabelInfo, ...],
@@ -469,7 +555,8 @@ def render_report_pdf(source: Dataset, stacks: list[ReportStack], labels: tuple[
                                     "Creator": f"Paraspinal Muscle Node {ctx.software_version}".strip(),
                                     "CreationDate": None, "Subject": RESEARCH_USE_STATEMENT}) as pdf:
         _summary_page(pdf, source, stacks, labels, ctx, 1, total, generated)
-        page = _key_image_pages(pdf, stacks, labels, 2, total, generated)
+        page = _level_table_pages(pdf, stacks, 2, total, generated)
+        page = _key_image_pages(pdf, stacks, labels, page, total, generated)
         _slice_table_pages(pdf, stacks, page, total, generated)
     return buffer.getvalue()
 

@@ -5,6 +5,11 @@ Everything is written into ``<out>/.incomplete-<study>-<pid>/`` and renamed to
 An earlier result for the same study is replaced (moved aside, then deleted): the newest
 analysis supersedes the old one. ``result.json`` is the contract read by the node and by
 people: status (done / no_suitable_series / failed), reason, series decisions, outputs.
+
+``measurements.csv`` has one row per muscle, side and stack (``level`` empty: the whole stack),
+followed, where lumbar levels were determined, by one row per level holding the muscle
+(``level`` "L4/L5" or "L4": mean CSA, fat fraction, PDFF and slice count over the slices at that
+level; volume and maximum CSA empty).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from app.config import RESEARCH_USE_STATEMENT
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 MEASUREMENT_COLUMNS = [
-    "study_instance_uid", "series_instance_uid", "stack", "label", "muscle", "side", "found",
+    "study_instance_uid", "series_instance_uid", "stack", "label", "muscle", "side", "level", "found",
     "volume_cm3", "mean_csa_mm2", "max_csa_mm2", "fat_fraction_pct", "fat_method", "bias_correction",
     "goutallier_grade", "asymmetry_index_pct", "pdff_pct", "n_slices_with_muscle", "level_method",
 ]
@@ -56,6 +61,7 @@ def measurement_rows(study_uid: str, stacks: list[dict[str, Any]]) -> list[dict[
                 "label": m["label"],
                 "muscle": m["muscle"],
                 "side": m["side"],
+                "level": "",
                 "found": m["found"],
                 "volume_cm3": m["volume_cm3"] if m["found"] else "",
                 "mean_csa_mm2": m["mean_csa_mm2"] if m["found"] else "",
@@ -69,6 +75,21 @@ def measurement_rows(study_uid: str, stacks: list[dict[str, Any]]) -> list[dict[
                 "n_slices_with_muscle": sum(1 for v in m["slice_csa_mm2"] if v > 0),
                 "level_method": m.get("level_method", ""),
             })
+            for lm in m.get("level_measures") or []:
+                rows.append({
+                    **{key: rows[-1][key] for key in ("study_instance_uid", "series_instance_uid", "stack", "label",
+                                                      "muscle", "side", "found", "fat_method", "bias_correction")},
+                    "level": lm["level"],
+                    "volume_cm3": "",
+                    "mean_csa_mm2": lm["mean_csa_mm2"],
+                    "max_csa_mm2": "",
+                    "fat_fraction_pct": "" if lm.get("fat_fraction_pct") is None else lm["fat_fraction_pct"],
+                    "goutallier_grade": "",
+                    "asymmetry_index_pct": "",
+                    "pdff_pct": "" if lm.get("pdff_pct") is None else lm["pdff_pct"],
+                    "n_slices_with_muscle": lm["n_slices_with_muscle"],
+                    "level_method": m.get("level_method", ""),
+                })
     return rows
 
 

@@ -11,8 +11,13 @@ written grid, slice k of a stack being the k-th file of that stack (its
 InstanceNumbers increase with k). Each series goes into its own folder
 ``<SeriesNumber>_<description>`` under ``out_dir``.
 
+With ``level_seg=True`` (or :func:`add_level_seg`) the study also gets a labelled source for
+lumbar levels: a sagittal T2 and a DICOM SEG over it whose segments are the vertebral bodies
+L1..S1 and the discs L1/L2..L5/S1 (SNOMED CT codes, see :mod:`paraspinal.levels`), drawn from
+the phantom's spine, so every level's z range is known (:class:`LevelSegTruth`).
+
 CLI: ``python -m paraspinal.synthetic_study OUT_DIR [--seed N] [--oblique]
-[--transfer-syntax NAME] [--flip] [--non-square] [--no-distractors]
+[--transfer-syntax NAME] [--flip] [--non-square] [--no-distractors] [--level-seg]
 [--truth-dir DIR]``.
 """
 
@@ -40,8 +45,10 @@ from paraspinal.dicom_series_writer import (
 from paraspinal.phantom import LABEL_NAMES, HeadPhantom, LumbarPhantom, Rendering, fat_fractions_from_masks
 
 __all__ = [
+    "LevelSegTruth",
     "StackTruth",
     "SyntheticStudy",
+    "add_level_seg",
     "make_synthetic_study",
     "make_sagittal_only_study",
     "make_brain_study",
@@ -70,6 +77,20 @@ class StackTruth:
 
 
 @dataclass
+class LevelSegTruth:
+    """A labelled spine SEG written by :func:`add_level_seg` and the truth behind it."""
+
+    seg_path: Path
+    seg_sop_instance_uid: str
+    seg_series_uid: str
+    sagittal_series_uid: str
+    sagittal_paths: list[Path]
+    frame_of_reference_uid: str
+    levels: list[str]  # labelled levels, head to feet
+    z_ranges: dict[str, tuple[float, float]]  # level -> (z low, z high) mm of its labelled voxels' region
+
+
+@dataclass
 class SyntheticStudy:
     """What :func:`make_synthetic_study` wrote, and the truth behind it."""
 
@@ -83,11 +104,15 @@ class SyntheticStudy:
     distractor_series_uids: dict[str, str] = field(default_factory=dict)  # "localizer", "sagittal_t2", "axial_t1"
     distractor_paths: dict[str, list[Path]] = field(default_factory=dict)
     transfer_syntax: str = "explicit_little"
+    study_info: StudyInfo | None = None
+    fov_centre_lps: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    level_segs: list[LevelSegTruth] = field(default_factory=list)
 
     @property
     def all_paths(self) -> list[Path]:
         """Every file written, target series first."""
-        return list(self.t2_paths) + [p for paths in self.distractor_paths.values() for p in paths]
+        return (list(self.t2_paths) + [p for paths in self.distractor_paths.values() for p in paths]
+                + [p for seg in self.level_segs for p in [*seg.sagittal_paths, seg.seg_path]])
 
     @property
     def t2_sop_instance_uids(self) -> list[str]:
@@ -174,7 +199,7 @@ def make_synthetic_study(out_dir: str | Path, *, seed: int = 0, rows: int = 256,
                          transfer_syntax: str = "explicit_little", include_distractors: bool = True,
                          body_part: str = "LSPINE", fat_fractions: float | Mapping[int, float] | None = None,
                          noise_sigma: float = 10.0, bias_field_strength: float = 0.3, supersample: int = 1,
-                         study: StudyInfo | None = None) -> SyntheticStudy:
+                         study: StudyInfo | None = None, level_seg: bool = False) -> SyntheticStudy:
     """Write a synthetic lumbar MR study into ``out_dir`` and return its truth.
 
     The axial T2 (TE 100 ms, TR 4000 ms, "t2_tse_tra") is centred on the spine.
@@ -186,7 +211,8 @@ def make_synthetic_study(out_dir: str | Path, *, seed: int = 0, rows: int = 256,
     (0.8, 0.6) with rows/cols adjusted to keep the field of view. ``flip``: rows
     run anteriorly, columns to the patient's right and slices towards the feet.
     ``fat_fractions``, ``noise_sigma``, ``bias_field_strength``, ``supersample``
-    go to :class:`~paraspinal.phantom.LumbarPhantom`.
+    go to :class:`~paraspinal.phantom.LumbarPhantom`. ``level_seg``: also write a sagittal T2
+    and a SEG labelling its vertebrae and discs (:func:`add_level_seg`).
     """
     if transfer_syntax not in TRANSFER_SYNTAXES:
         raise ValueError(f"unknown transfer_syntax {transfer_syntax!r}; choose from {sorted(TRANSFER_SYNTAXES)}")
@@ -231,7 +257,8 @@ def make_synthetic_study(out_dir: str | Path, *, seed: int = 0, rows: int = 256,
 
     result = SyntheticStudy(root=root, seed=seed, study_uid=study.study_instance_uid,
                             t2_series_uid=t2_info.series_instance_uid, stacks=stacks, t2_paths=t2_paths,
-                            target_fat_fractions=phantom.target_fat_fractions, transfer_syntax=transfer_syntax)
+                            target_fat_fractions=phantom.target_fat_fractions, transfer_syntax=transfer_syntax,
+                            study_info=study, fov_centre_lps=(0.0, fov_y, 0.0))
     if include_distractors:
         centre = (0.0, fov_y, 0.0)
         uid, paths = _localizer(root, phantom, study, body_part, centre, transfer_syntax)
@@ -244,7 +271,71 @@ def make_synthetic_study(out_dir: str | Path, *, seed: int = 0, rows: int = 256,
                              sequence_name="*tse2d1_3", body_part_examined=body_part)
         paths = _write(root, renders["t1"].image, geometry, study, t1_info, transfer_syntax)
         result.distractor_series_uids["axial_t1"], result.distractor_paths["axial_t1"] = t1_info.series_instance_uid, paths
+    if level_seg:
+        add_level_seg(result)
     return result
+
+
+#: SEG segment order: head to feet, vertebral bodies and discs (names as in paraspinal.levels).
+LEVEL_SEG_LEVELS = ("L1", "L1/L2", "L2", "L2/L3", "L3", "L3/L4", "L4", "L4/L5", "L5", "L5/S1", "S1")
+
+
+def add_level_seg(study: SyntheticStudy, *, levels: Sequence[str] = LEVEL_SEG_LEVELS,
+                  frame_of_reference_uid: str | None = None, series_number: int = 20,
+                  description: str = "spine labels") -> LevelSegTruth:
+    """Write a labelled source for lumbar levels into ``study``: a sagittal T2 (series
+    ``series_number``, on ``frame_of_reference_uid`` or the study's) and a BINARY DICOM SEG over
+    it (series ``series_number + 1``, ``description``) with one segment per level of ``levels``
+    that the sagittal slices hold: vertebral bodies by their SNOMED CT code (CID 7603; S1 as
+    TotalSegmentator codes it) and discs by theirs (CID 7604), category "Anatomical Structure",
+    drawn from the phantom (:meth:`~paraspinal.phantom.LumbarPhantom.spine_levels_at`), as a
+    radiologist would label them (algorithm type MANUAL)."""
+    import highdicom as hd
+    import pydicom
+
+    from paraspinal.levels import spine_level
+
+    if study.study_info is None:
+        raise ValueError("the study was not made by make_synthetic_study (no StudyInfo kept)")
+    phantom = LumbarPhantom(study.seed)
+    info = SeriesInfo(series_number=series_number, series_description="t2_tse_sag_spine", protocol_name="t2_tse_sag",
+                      echo_time=100.0, repetition_time=3500.0, frame_of_reference_uid=frame_of_reference_uid)
+    geometry = oriented_stack_geometry((0, 1, 0), (0, 0, -1), 7, 192, 192, (1.25, 1.25), 4.0,
+                                       centre_lps=study.fov_centre_lps, slice_thickness=3.5)
+    image = phantom.render(geometry, contrast="t2").image
+    paths = _write(study.root, image, geometry, study.study_info, info, "explicit_little")
+    names = phantom.spine_levels_at(geometry.voxel_centres().reshape(-1, 3))
+    wanted = [name for name in levels if name in set(names)]
+    numbers = {name: i for i, name in enumerate(wanted, start=1)}
+    labelmap = np.array([numbers.get(n, 0) if n else 0 for n in names], dtype=np.uint8).reshape(
+        geometry.n_slices, 192, 192)
+    category = hd.sr.CodedConcept("91723000", "SCT", "Anatomical Structure")
+    descriptions = []
+    for name in wanted:
+        level = spine_level(name)
+        descriptions.append(hd.seg.SegmentDescription(
+            segment_number=numbers[name], segment_label=name, segmented_property_category=category,
+            segmented_property_type=hd.sr.CodedConcept(level.code, "SCT", level.meaning),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL))
+    sources = [pydicom.dcmread(p) for p in paths]
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=labelmap, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions, series_instance_uid=generate_uid(), series_number=series_number + 1,
+        sop_instance_uid=generate_uid(), instance_number=1, manufacturer="SYNTHETIC",
+        manufacturer_model_name="spine labeller", software_versions="paraspinal.synthetic", device_serial_number="0",
+        content_label="SPINE", content_description="Lumbar vertebrae and discs", content_creator_name="LABELLER^SYN",
+        series_description=description)
+    seg_dir = study.root / f"{series_number + 1:02d}_{description.replace(' ', '_')}"
+    seg_dir.mkdir(parents=True, exist_ok=True)
+    seg_path = seg_dir / "SEG_1.dcm"
+    seg.save_as(seg_path, enforce_file_format=True)
+    ranges = phantom.level_z_ranges()
+    truth = LevelSegTruth(seg_path=seg_path, seg_sop_instance_uid=str(seg.SOPInstanceUID),
+                          seg_series_uid=str(seg.SeriesInstanceUID), sagittal_series_uid=info.series_instance_uid,
+                          sagittal_paths=paths, frame_of_reference_uid=str(sources[0].FrameOfReferenceUID),
+                          levels=wanted, z_ranges={name: ranges[name] for name in wanted})
+    study.level_segs.append(truth)
+    return truth
 
 
 def make_sagittal_only_study(out_dir: str | Path, *, seed: int = 0, transfer_syntax: str = "explicit_little",
@@ -317,6 +408,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cols", type=int, default=256)
     parser.add_argument("--slices", type=int, default=20)
     parser.add_argument("--kind", choices=("lumbar", "sagittal-only", "brain"), default="lumbar")
+    parser.add_argument("--level-seg", action="store_true",
+                        help="add a sagittal T2 and a SEG labelling its vertebrae and discs (lumbar levels)")
     parser.add_argument("--truth-dir", type=Path, help="also write labels/fat masks (.npz) and summary.json here")
     args = parser.parse_args(argv)
     if args.kind == "brain":
@@ -326,7 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         study = make_synthetic_study(args.out_dir, seed=args.seed, rows=args.rows, cols=args.cols, n_slices=args.slices,
                                      oblique_stacks=args.oblique, non_square_pixels=args.non_square, flip=args.flip,
-                                     transfer_syntax=args.transfer_syntax, include_distractors=not args.no_distractors)
+                                     transfer_syntax=args.transfer_syntax, include_distractors=not args.no_distractors,
+                                     level_seg=args.level_seg)
     if args.truth_dir:
         _write_truth(study, args.truth_dir)
     summary = study.summary()
