@@ -9,7 +9,7 @@ from pydicom.dataset import Dataset
 
 from app.config import OutputSettings, QuantificationSettings
 from operators.study_stage import StudyStageOperator
-from paraspinal.dicom_outputs import SOFTWARE_VERSION, stable_uid
+from paraspinal.dicom_outputs import SOFTWARE_VERSION, content_key, stable_uid
 from paraspinal.model_bundle import ModelBundle
 from paraspinal.report_pdf import ReportContext, ReportStack, encapsulated_pdf, render_report_pdf
 from paraspinal.study_job import StudyJob
@@ -61,7 +61,8 @@ class ReportOperator(StudyStageOperator):
                             bias_correction=bias, software_version=SOFTWARE_VERSION)
         stacks = [ReportStack(w.volume, w.labels, w.measurements) for w in works]
         pdf = render_report_pdf(source, stacks, self.bundle.labels, ctx)
-        key = (works[0].volume.series_uid, self.bundle.weights_sha256)
+        key = (works[0].volume.series_uid, self.bundle.weights_sha256,
+               content_key(m for w in works for m in w.measurements))
         referenced = [w.segmentation.dataset for w in works if w.segmentation is not None]
         if job.sr is not None:
             referenced.append(job.sr)

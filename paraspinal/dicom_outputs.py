@@ -10,7 +10,9 @@ silently replacing old ones.
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -37,6 +39,25 @@ def stable_uid(*parts: str) -> str:
     """
     digest = hashlib.sha256("\x00".join(str(p) for p in parts).encode()).digest()
     return f"2.25.{uuid.UUID(bytes=digest[:16], version=4).int}"
+
+
+def content_key(measurements: Iterable[MuscleMeasurement]) -> str:
+    """SHA-256 (hex) of what decides an SR's or report's content besides the source images and the
+    weights: fat method, bias correction, Dixon series and lumbar-level sources used.
+
+    Part of the SR and report UIDs: re-analysing the same input the same way gives the same UIDs
+    (a resend is idempotent at the PACS), while a new level SEG or another fat method gives new
+    UIDs (never two different objects under one SOP Instance UID)."""
+    parts = set()
+    for m in measurements:
+        if not m.found:
+            continue
+        parts.add(f"fat:{m.fat_method}:{m.bias_correction}")
+        if m.pdff_source:
+            parts.add("dixon:" + json.dumps(m.pdff_source, sort_keys=True, default=str))
+        for source in m.level_sources:
+            parts.add(f"level:{source.get('sop_instance_uid', '')}")
+    return hashlib.sha256("\x00".join(sorted(parts)).encode()).hexdigest()
 
 
 def coded(code: Code) -> hd.sr.CodedConcept:
@@ -415,7 +436,8 @@ def build_measurement_report(results: list[tuple[StackVolume, SegmentationResult
     if not groups:
         raise ValueError("no muscle was found in any stack: nothing to report")
     first_stack = results[0][0]
-    key = [first_stack.series_uid, bundle.weights_sha256] + [s.dataset.SOPInstanceUID for _, s, _ in results]
+    key = ([first_stack.series_uid, bundle.weights_sha256] + [s.dataset.SOPInstanceUID for _, s, _ in results]
+           + [content_key(m for _, _, measures in results for m in measures)])
     evidence = [seg.dataset for _, seg, _ in results] + [ds for stack, _, _ in results for ds in stack.datasets]
     report = _measurement_report(groups + pdff_groups + level_groups + slice_groups, bundle, settings)
     # highdicom's SR constructor deep-copies and re-parses the whole content tree and searches it

@@ -27,7 +27,7 @@ from pydicom.dataset import Dataset
 from app.config import load_config
 from dicom_validators import dciodvfy_errors, dcmjs_read, dcmqi_read_sr
 from paraspinal.dicom_index import StudyRecord, index_folder
-from paraspinal.dicom_outputs import build_measurement_report, build_segmentation
+from paraspinal.dicom_outputs import build_measurement_report, build_segmentation, content_key
 from paraspinal.levels import (LEVEL_UNKNOWN_REASON, LabelledStructure, StudyLevelSources, _order_problem,
                                determine_levels, level_from_text, level_sort_key, segment_level, spine_level)
 from paraspinal.quantification import measure_stack
@@ -375,3 +375,18 @@ def test_report_has_a_per_level_table_and_a_key_image_per_level(study, measured,
     for level in levels:
         assert f"Stack 1, level {level}:" in keys
     assert "lumbar level not determined" not in keys  # every slice with muscle has a level here
+
+
+def test_a_level_source_gives_the_sr_new_uids_while_the_same_analysis_keeps_them(study, measured):
+    """Resending an identical analysis is idempotent at the PACS (same UIDs); an analysis that
+    changed because a level SEG arrived must not reuse the SR's SOP Instance UID for new content."""
+    stack, config, bundle = study["stack"], study["config"], study["bundle"]
+    seg = build_segmentation(stack, study["labels"], bundle, config.output)
+    without = measure_stack(stack, study["labels"], bundle.labels, "signal_fraction")
+    sr_levels = build_measurement_report([(stack, seg, measured["measures"])], bundle, config.output)
+    sr_levels_again = build_measurement_report([(stack, seg, measured["measures"])], bundle, config.output)
+    sr_plain = build_measurement_report([(stack, seg, without)], bundle, config.output)
+    assert sr_levels.SOPInstanceUID == sr_levels_again.SOPInstanceUID
+    assert sr_levels.SOPInstanceUID != sr_plain.SOPInstanceUID
+    assert sr_levels.SeriesInstanceUID != sr_plain.SeriesInstanceUID
+    assert content_key(measured["measures"]) != content_key(without)
