@@ -99,10 +99,21 @@ class PeerAddress:
 
 @dataclass(frozen=True)
 class AllowedPeer:
-    """A calling peer allowed to associate; ``host`` empty means any address."""
+    """A calling peer allowed to associate; ``host`` empty means any address.
+
+    With DICOM TLS on, the peer's AE title can be bound to its client certificate: by the
+    certificate subject's common name (``tls_subject_cn``) and/or the SHA-256 fingerprint of
+    the certificate (``tls_sha256``, hex, colons and case ignored). A bound AE title is then
+    admitted only with that certificate, and that certificate only with that AE title."""
 
     ae_title: str
     host: str = ""
+    tls_subject_cn: str = ""
+    tls_sha256: str = ""
+
+    @property
+    def tls_bound(self) -> bool:
+        return bool(self.tls_subject_cn or self.tls_sha256)
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,16 @@ class FolderIndex:
 
 
 def _read_header(path: Path) -> Dataset:
-    return pydicom.dcmread(path, stop_before_pixels=True)
+    """The header, every top-level element decoded now.
+
+    pydicom decodes an element's value only when it is first used; an element it cannot
+    decode (say, an unknown VR) would raise (NotImplementedError, ValueError, ...) wherever
+    the value is first read: in selection, or while grouping by UID here. Decoding them all
+    at once makes such a file one input problem, like any other unreadable file."""
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    for _ in header:  # iterating converts each raw element to a DataElement
+        pass
+    return header
 
 
 def index_folder(root: Path) -> FolderIndex:
@@ -111,9 +120,13 @@ def index_folder(root: Path) -> FolderIndex:
         except Exception as exc:  # truncated or corrupt files raise many different errors
             problems.append(FileProblem(path, f"unreadable DICOM file: {type(exc).__name__}: {exc}"))
             continue
-        study_uid = str(header.get("StudyInstanceUID", "")).strip()
-        series_uid = str(header.get("SeriesInstanceUID", "")).strip()
-        sop_uid = str(header.get("SOPInstanceUID", "")).strip()
+        try:
+            study_uid = str(header.get("StudyInstanceUID", "")).strip()
+            series_uid = str(header.get("SeriesInstanceUID", "")).strip()
+            sop_uid = str(header.get("SOPInstanceUID", "")).strip()
+        except Exception as exc:  # a UID value pydicom cannot turn into text
+            problems.append(FileProblem(path, f"unreadable DICOM file: {type(exc).__name__}: {exc}"))
+            continue
         if not study_uid or not series_uid or not sop_uid:
             problems.append(FileProblem(path, "DICOM file lacks Study, Series or SOP Instance UID"))
             continue

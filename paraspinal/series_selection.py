@@ -7,6 +7,7 @@ gets a :class:`SeriesDecision` with the reason it was or was not chosen.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,11 +78,18 @@ def _tie_break(description: str, rules: SelectionRules) -> int:
 
 
 def _float(ds: Dataset, keyword: str) -> float | None:
-    value = ds.get(keyword)
+    """A single finite number, or None (missing, not a number, NaN or infinite)."""
     try:
-        return float(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
+        value = ds.get(keyword)
+        number = float(value) if value not in (None, "") else None
+    except (TypeError, ValueError, OverflowError):
         return None
+    return number if number is not None and math.isfinite(number) else None
+
+
+def _name(series: SeriesRecord) -> str:
+    """How a reason names a series: by its number (what a person sees in the viewer)."""
+    return f"series {series.series_number or series.series_uid}"
 
 
 def judge_series(series: SeriesRecord, rules: SelectionRules) -> SeriesDecision:
@@ -111,7 +119,7 @@ def judge_series(series: SeriesRecord, rules: SelectionRules) -> SeriesDecision:
     try:
         geometry = slice_geometry(first)
     except StackError as exc:
-        return reject(f"unusable geometry: {exc}")
+        return reject(f"{_name(series)}: {series.instances[0].path.name}: {exc} (unusable geometry)")
     angle = float(np.degrees(np.arccos(min(1.0, abs(float(geometry.normal[2]))))))
     if angle > rules.axial_max_angle_deg:
         plane = "sagittal" if abs(geometry.normal[0]) > abs(geometry.normal[1]) else "coronal"
@@ -119,14 +127,14 @@ def judge_series(series: SeriesRecord, rules: SelectionRules) -> SeriesDecision:
                       f"limit {rules.axial_max_angle_deg:.0f})")
     te, tr = _float(first, "EchoTime"), _float(first, "RepetitionTime")
     if te is None or tr is None:
-        return reject("EchoTime or RepetitionTime missing: weighting cannot be determined")
+        return reject("EchoTime or RepetitionTime missing or not a finite number: weighting cannot be determined")
     if te < rules.min_echo_time_ms or tr < rules.min_repetition_time_ms:
         return reject(f"not T2-weighted: TE {te:g} ms, TR {tr:g} ms (need TE >= {rules.min_echo_time_ms:g}, "
                       f"TR >= {rules.min_repetition_time_ms:g})")
     try:
         plans = plan_stacks(series, rules.stack_orientation_tolerance_deg)
     except StackError as exc:
-        return reject(f"unusable geometry: {exc}")
+        return reject(f"{_name(series)}: {exc} (unusable geometry)")
     kept = [p for p in plans if len(p.instances) >= rules.min_slices_per_stack]
     if not kept:
         longest = max(len(p.instances) for p in plans)
@@ -141,9 +149,19 @@ def judge_series(series: SeriesRecord, rules: SelectionRules) -> SeriesDecision:
     return decision
 
 
+def _judge_safely(series: SeriesRecord, rules: SelectionRules) -> SeriesDecision:
+    """:func:`judge_series`, with anything unforeseen in one series' header (an odd value that
+    raises) becoming that series' rejection, so the other series can still be chosen."""
+    try:
+        return judge_series(series, rules)
+    except Exception as exc:
+        return SeriesDecision(series.series_uid, series.series_number, series.description, len(series.instances),
+                              False, f"{_name(series)}: header cannot be judged ({type(exc).__name__}: {exc})")
+
+
 def select_series(study: StudyRecord, rules: SelectionRules) -> StudySelection:
     """Pick one lumbar axial T2 series; every other series gets its reason."""
-    decisions = [judge_series(s, rules) for s in study.series.values()]
+    decisions = [_judge_safely(s, rules) for s in study.series.values()]
     body = excluded_body_part(study, rules)
     if body:
         for d in decisions:

@@ -11,6 +11,7 @@ the DICOM row direction - to LPS patient coordinates in mm.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -24,6 +25,11 @@ from paraspinal.dicom_index import InstanceRecord, SeriesRecord
 
 class StackError(ValueError):
     """A series cannot be turned into a usable volume; the message names the problem."""
+
+
+#: What must end the process rather than fail one study (a Ctrl-C, ``sys.exit``, a generator
+#: being closed); everything else a decoder raises is the study's failure.
+STOP_EXCEPTIONS = (KeyboardInterrupt, SystemExit, GeneratorExit)
 
 
 @dataclass(frozen=True)
@@ -42,26 +48,52 @@ class SliceGeometryHeader:
         return n / np.linalg.norm(n)
 
 
+def _numbers(header: Dataset, keyword: str, count: int) -> list[float]:
+    """The ``count`` values of a numeric attribute as finite floats; raises :class:`StackError`
+    naming the attribute and what is wrong with it (missing, how many values, not a number,
+    not finite), never pydicom's or Python's own error text."""
+    try:
+        value = header.get(keyword)
+    except Exception as exc:  # a raw value pydicom cannot convert
+        raise StackError(f"{keyword} cannot be read ({type(exc).__name__}: {exc})") from None
+    if value is None or (isinstance(value, (str, bytes)) and not value.strip()):
+        raise StackError(f"missing {keyword}")
+    items = [value] if isinstance(value, (str, bytes, int, float)) else list(value)
+    if len(items) != count:
+        raise StackError(f"{keyword} has {len(items)} value{'' if len(items) == 1 else 's'}, expected {count}")
+    numbers = []
+    for item in items:
+        try:
+            number = float(item)
+        except (TypeError, ValueError, OverflowError):
+            raise StackError(f"{keyword} value {str(item)[:24]!r} is not a number") from None
+        if not math.isfinite(number):
+            raise StackError(f"{keyword} value {str(item)[:24]} is not a finite number")
+        numbers.append(number)
+    return numbers
+
+
 def slice_geometry(header: Dataset) -> SliceGeometryHeader:
-    """Geometry of one image; raises :class:`StackError` naming the missing attribute."""
-    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns"):
-        if keyword not in header or header.get(keyword) in (None, ""):
-            raise StackError(f"missing {keyword}")
-    iop = np.asarray([float(v) for v in header.ImageOrientationPatient], dtype=np.float64)
-    if iop.shape != (6,):
-        raise StackError(f"ImageOrientationPatient has {iop.size} values, expected 6")
+    """Geometry of one image; raises :class:`StackError` naming the attribute that is missing
+    or unusable (wrong number of values, not a number, NaN or infinite, not a unit vector,
+    spacing or size not positive)."""
+    iop = np.asarray(_numbers(header, "ImageOrientationPatient", 6), dtype=np.float64)
     row_dir, col_dir = iop[:3], iop[3:]
     if not (np.isclose(np.linalg.norm(row_dir), 1, atol=1e-2) and np.isclose(np.linalg.norm(col_dir), 1, atol=1e-2)):
         raise StackError("ImageOrientationPatient direction cosines are not unit vectors")
-    spacing = [float(v) for v in header.PixelSpacing]
-    if len(spacing) != 2 or min(spacing) <= 0:
-        raise StackError(f"invalid PixelSpacing {spacing}")
+    position = np.asarray(_numbers(header, "ImagePositionPatient", 3), dtype=np.float64)
+    spacing = _numbers(header, "PixelSpacing", 2)
+    if min(spacing) <= 0:
+        raise StackError(f"PixelSpacing {spacing[0]:g}\\{spacing[1]:g} mm is not positive")
+    rows, cols = (int(v) for v in _numbers(header, "Rows", 1) + _numbers(header, "Columns", 1))
+    if rows <= 0 or cols <= 0:
+        raise StackError(f"image size {rows} x {cols} (Rows x Columns) is empty")
     return SliceGeometryHeader(
-        position=np.asarray([float(v) for v in header.ImagePositionPatient], dtype=np.float64),
+        position=position,
         row_dir=row_dir / np.linalg.norm(row_dir),
         col_dir=col_dir / np.linalg.norm(col_dir),
         pixel_spacing=(spacing[0], spacing[1]),
-        shape=(int(header.Rows), int(header.Columns)),
+        shape=(rows, cols),
     )
 
 
@@ -164,12 +196,19 @@ def load_stack(plan: StackPlan, series_uid: str, index: int) -> StackVolume:
     """Read pixel data (decoding compressed transfer syntaxes) and build the stack volume."""
     datasets, slices = [], []
     for record in plan.instances:
+        ds = None
         try:
             ds = pydicom.dcmread(record.path)
             array = ds.pixel_array
-        except Exception as exc:  # decoder errors come in many types; name the file and syntax
-            syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "?") if "ds" in locals() else "?"
-            raise StackError(f"{record.path.name}: cannot decode pixel data (transfer syntax {syntax}): {exc}") from None
+        except STOP_EXCEPTIONS:
+            raise
+        except BaseException as exc:
+            # Decoder errors come in many types, and a Rust codec's panic (pyo3's PanicException)
+            # derives from BaseException only: any of them is this study's failure, naming the
+            # file and transfer syntax.
+            syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "?")
+            raise StackError(f"{record.path.name}: pixel data could not be decoded (transfer syntax {syntax}): "
+                             f"{type(exc).__name__}: {exc}") from None
         if array.ndim != 2:
             raise StackError(f"{record.path.name}: expected a single-frame grey image, got pixel array {array.shape}")
         datasets.append(ds)

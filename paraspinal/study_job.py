@@ -20,7 +20,7 @@ from paraspinal.dicom_outputs import SegmentationResult
 from paraspinal.quantification import MuscleMeasurement
 from paraspinal.segmentation import ModelInput
 from paraspinal.series_selection import StudySelection
-from paraspinal.stacks import StackVolume
+from paraspinal.stacks import STOP_EXCEPTIONS, StackVolume
 
 
 class JobStatus(str, Enum):
@@ -68,11 +68,17 @@ class StudyJob:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        """Time a stage and turn any exception into a recorded failure of this study."""
+        """Time a stage and turn any exception into a recorded failure of this study.
+
+        Also catches what derives from ``BaseException`` only, such as pyo3's
+        ``PanicException`` (a Rust codec's panic), so one malformed study cannot end a batch;
+        KeyboardInterrupt, SystemExit and GeneratorExit still end the application."""
         start = time.perf_counter()
         try:
             yield
-        except Exception as exc:  # one study's failure must not stop the application
+        except STOP_EXCEPTIONS:
+            raise
+        except BaseException as exc:  # one study's failure must not stop the application
             self.fail(name, f"{type(exc).__name__}: {exc}")
         finally:
             self.timings_s[name] = round(self.timings_s.get(name, 0.0) + time.perf_counter() - start, 3)

@@ -9,43 +9,47 @@ together with its worker processes, exactly as a crash or an OOM kill of a conta
 * :func:`start_archive`: the project's archive (``python -m app.node.archive``) as PACS, with a
   journal line per reception (so duplicates are counted, not overwritten) and an optional
   delay per C-STORE (a slow PACS, to kill the node while it sends);
+  :func:`node_with_archive`: both, the archive as the node's destination;
 * :func:`make_study`: a small synthetic lumbar study, padded with extra series to a minimum
   instance count;
-* :func:`send_study_files`: C-STORE over one association (pynetdicom SCU), recording each
-  acknowledgement; :func:`send_concurrently`: several such associations at once, opened
-  before any of them sends;
+* :func:`send_concurrently`: several associations at once (each a
+  :mod:`reliability.scu` process), opened before any of them sends (one association from this
+  process: :func:`reliability.scu.send_files`);
 * :func:`account`: for a set of studies, what was acknowledged, is on disk, was analysed and
   arrived at the archive (and how often).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Sequence
+from typing import IO, Any, Callable, Iterator, Sequence
 
 import pydicom
 import yaml
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import generate_uid
-from pynetdicom import AE
 
 from app.config import PROJECT_ROOT
+from app.node.audit import read_audit
 from app.node.net import free_tcp_port, wait_for_echo
 from app.node.state import StateStore
+from reliability.scu import HOST, NODE_AE, send_files
 
-HOST = "127.0.0.1"
-NODE_AE = "PARASPINAL"
 #: The node admits its health-check AE title from loopback whatever its allow-list says.
 PROBE_AE = "HEALTHCHECK"
+#: SOP classes of the results, to count result sets at the archive.
+SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+SR_STORAGE = frozenset({"1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.33",
+                        "1.2.840.10008.5.1.4.1.1.88.22"})  # Comprehensive 3D, Comprehensive, Enhanced SR
 
 
 def find_model() -> Path | None:
@@ -234,6 +238,12 @@ class NodeProc(Proc):
     def events(self, name: str, this_run_only: bool = False) -> list[str]:
         return [line for line in self.log_text(this_run_only).splitlines() if f"event={name} " in line + " "]
 
+    def wait_ready(self, timeout_s: float = 120.0) -> "NodeProc":
+        """Until a worker process of this run has loaded the model (``worker_ready``)."""
+        wait_until(lambda: self.events("worker_ready", this_run_only=True), timeout_s, "a worker process ready",
+                   alive=self.alive)
+        return self
+
 
 def _launch_node(workdir: Path, config_path: Path, model: Path, port: int, timeout_s: float,
                  wait_ready: bool, env: dict[str, str] | None = None) -> NodeProc:
@@ -244,10 +254,7 @@ def _launch_node(workdir: Path, config_path: Path, model: Path, port: int, timeo
     if not wait_for_echo(HOST, port, NODE_AE, timeout_s, calling_ae=PROBE_AE, alive=node.alive):
         node.kill_group()
         raise RuntimeError(f"the node did not answer C-ECHO within {timeout_s} s:\n{node.log_text()[-3000:]}")
-    if wait_ready:
-        wait_until(lambda: node.events("worker_ready", this_run_only=True), timeout_s, "a worker process ready",
-                   alive=node.alive)
-    return node
+    return node.wait_ready(timeout_s) if wait_ready else node
 
 
 def start_node(workdir: Path, model: Path, port: int | None = None, timeout_s: float = 120.0,
@@ -304,6 +311,38 @@ def start_archive(workdir: Path, ae_title: str = "ARCHIVE", port: int | None = N
     return archive
 
 
+@dataclass
+class Rig:
+    """A node whose destination is an archive, as the tests and the soak run use them.
+    ``node`` is the running node (:meth:`restart` replaces it)."""
+
+    node: NodeProc
+    archive: ArchiveProc
+
+    def restart(self, **kwargs: Any) -> NodeProc:
+        self.node = self.node.restart(**kwargs)
+        return self.node
+
+
+@contextlib.contextmanager
+def node_with_archive(root: Path, model: Path, store_delay_s: float = 0.0, wait_ready: bool = True,
+                      env: dict[str, str] | None = None, **overrides: Any) -> Iterator[Rig]:
+    """The archive (``root/archive``, ``store_delay_s`` s per C-STORE) and a node (``root/node``,
+    :func:`node_config` plus ``overrides``) sending its results there; both stopped at the end."""
+    archive = start_archive(root / "archive", store_delay_s=store_delay_s)
+    rig = None
+    try:
+        node = start_node(root / "node", model, wait_ready=wait_ready, env=env,
+                          destinations=[{"ae_title": archive.ae_title, "host": HOST, "port": archive.port}],
+                          **overrides)
+        rig = Rig(node, archive)
+        yield rig
+    finally:
+        if rig is not None:
+            rig.node.stop()
+        archive.stop()
+
+
 # ---- studies and sending ----------------------------------------------------------------------
 
 
@@ -349,90 +388,47 @@ def make_study(root: Path, seed: int, n_slices: int = 5, min_instances: int = 0,
     return StudyFiles(study.study_uid, paths, sops)
 
 
-def make_codec_crash_study(root: Path, seed: int = 1) -> StudyFiles:
-    """A 3-slice RLE axial T2 whose first slice's compressed pixel data make the RLE decoder
-    (pylibjpeg-rle, Rust) panic: pyo3's PanicException, which is no ``Exception``. Found by
-    mutating bytes of the frame with a fixed random sequence until the decoder panics."""
-    import random
-    import warnings
+def _rle_run(n_bytes: int, value: int) -> bytes:
+    """PackBits (DICOM RLE, PS3.5 G.3.1) encoding of ``n_bytes`` copies of ``value``."""
+    out = bytearray()
+    while n_bytes > 0:
+        n = min(n_bytes, 128)
+        out += bytes([0, value]) if n == 1 else bytes([257 - n, value])  # literal of 1, or replicate n
+        n_bytes -= n
+    return bytes(out)
 
-    from pydicom.encaps import encapsulate, generate_fragmented_frames
+
+def rle_overflow_frame(rows: int, cols: int) -> bytes:
+    """A 16-bit RLE frame whose first segment (the high bytes) decodes to 2 bytes more than
+    ``rows * cols``, as segment offsets pointing past a segment's real end would make it.
+    pylibjpeg-rle (Rust) writes past its output buffer's end and panics ("index out of
+    bounds"): pyo3's PanicException, which derives from BaseException, not Exception."""
+    import struct
+
+    high = _rle_run(rows * cols + 2, 0)
+    low = _rle_run(rows * cols, 0)
+    header = struct.pack("<16I", 2, 64, 64 + len(high), *([0] * 13))
+    frame = header + high + low
+    return frame + (b"\0" if len(frame) % 2 else b"")
+
+
+def make_codec_crash_study(root: Path, seed: int = 1) -> StudyFiles:
+    """A 3-slice RLE axial T2 (32 x 32, 16 bits) whose first slice holds
+    :func:`rle_overflow_frame`: valid DICOM (the node acknowledges it) whose pixel data make
+    the RLE decoder panic. (The fuzzer found the panic; this is its minimal form.)"""
+    from pydicom.encaps import encapsulate
 
     from paraspinal.synthetic_study import make_synthetic_study
 
     study = make_synthetic_study(root, seed=seed, rows=32, cols=32, pixel_spacing=(7.5, 7.5), n_slices=3,
                                  include_distractors=False, transfer_syntax="rle")
     path = study.t2_paths[0]
-    frame = b"".join(next(generate_fragmented_frames(pydicom.dcmread(path).PixelData)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the decoders narrate every broken frame
-        rng = random.Random(0)
-        for _ in range(5000):
-            mutated = bytearray(frame)
-            for _ in range(rng.randint(1, 3)):
-                pos = rng.randrange(len(mutated)) if rng.random() < 0.5 else rng.randrange(64)
-                mutated[pos] = rng.randrange(256)
-            ds = pydicom.dcmread(path)
-            ds.PixelData = encapsulate([bytes(mutated) + (b"\0" if len(mutated) % 2 else b"")])
-            try:
-                ds.pixel_array
-            except Exception:
-                continue
-            except BaseException:  # the panic
-                ds.save_as(path)
-                paths = list(study.all_paths)
-                return StudyFiles(study.study_uid, paths, {p: str(read_file_meta_info(p).MediaStorageSOPInstanceUID)
-                                                           for p in paths})
-    raise RuntimeError("no mutation made the RLE decoder panic")
-
-
-def _scu(paths: Sequence[Path], calling_ae: str, timeout_s: float = 30.0) -> AE:
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
-    contexts = []
-    for path in paths:
-        meta = read_file_meta_info(path)
-        wanted = (str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
-        if wanted not in contexts:
-            contexts.append(wanted)
-    for sop_class, syntax in contexts[:128]:
-        ae.add_requested_context(sop_class, [syntax])
-    return ae
-
-
-def send_study_files(paths: Sequence[Path], port: int, calling_ae: str, called_ae: str = NODE_AE,
-                     on_ack: Callable[[Path, int | None], None] | None = None,
-                     barrier: threading.Barrier | None = None, tls_args=None) -> list[tuple[Path, int | None]]:
-    """C-STORE ``paths`` over one association; returns (path, status or None) per file.
-
-    ``on_ack`` is called after each response; ``barrier`` is waited on once the association
-    is established (so several senders really overlap)."""
-    ae = _scu(paths, calling_ae)
-    assoc = ae.associate(HOST, port, ae_title=called_ae, tls_args=tls_args)
-    if barrier is not None:
-        try:
-            barrier.wait(timeout=60)
-        except threading.BrokenBarrierError:
-            pass
-    results: list[tuple[Path, int | None]] = []
-    if not assoc.is_established:
-        return [(p, None) for p in paths]
-    try:
-        for path in paths:
-            status: int | None = None
-            if assoc.is_established:
-                try:
-                    rsp = assoc.send_c_store(path)
-                    status = int(rsp.Status) if rsp is not None and "Status" in rsp else None
-                except Exception:
-                    status = None
-            results.append((path, status))
-            if on_ack is not None:
-                on_ack(path, status)
-    finally:
-        if assoc.is_established:
-            assoc.release()
-    return results
+    ds = pydicom.dcmread(path)
+    ds.PixelData = encapsulate([rle_overflow_frame(int(ds.Rows), int(ds.Columns))])
+    ds.save_as(path)
+    paths = list(study.all_paths)
+    return StudyFiles(study.study_uid, paths, {p: str(read_file_meta_info(p).MediaStorageSOPInstanceUID)
+                                               for p in paths})
 
 
 def send_concurrently(jobs: Sequence[tuple[str, Sequence[Path]]], port: int,
@@ -502,10 +498,24 @@ class StudyAccount:
     outputs: int = 0              # result objects of the final analysis
     delivered: int = 0            # of those, how many arrived at the archive
     receptions: int = 0           # C-STOREs of this study's results the archive answered
-    duplicates: int = 0           # receptions beyond the first of a SOP Instance UID
+    duplicates: int = 0           # re-sent instances: receptions beyond the first of a SOP Instance UID
+                                  # (same UID, same bytes: idempotent at the PACS)
     changed_duplicates: int = 0   # a SOP Instance UID received with other bytes (must be 0)
     foreign: int = 0              # received objects not among the final outputs (a second set)
+    seg_uids: int = 0             # distinct SEG SOP Instance UIDs received
+    sr_uids: int = 0              # distinct SR SOP Instance UIDs received (one per result set)
     status: str = ""
+
+    @property
+    def result_sets(self) -> int:
+        """Distinct result sets the archive holds for the study: every analysis writes exactly
+        one SR, so distinct SR UIDs; objects outside the final set count as a further set."""
+        return self.sr_uids + (1 if self.foreign and self.sr_uids <= 1 else 0)
+
+    @property
+    def duplicate_result_sets(self) -> int:
+        """Result sets beyond the one expected (must be 0; a re-sent instance is not one)."""
+        return max(0, self.result_sets - 1)
 
     @property
     def lost(self) -> int:
@@ -551,24 +561,59 @@ def account(node: NodeProc, archive: ArchiveProc | None, studies: Sequence[Study
         a.duplicates = sum(n - 1 for n in counts.values())
         a.changed_duplicates = sum(1 for sop in counts if len({r["sha256"] for r in by_sop[sop]}) > 1)
         a.foreign = len(set(counts) - expected)
+        a.seg_uids = len({r["sop"] for r in mine if r.get("sop_class") == SEG_STORAGE})
+        a.sr_uids = len({r["sop"] for r in mine if r.get("sop_class") in SR_STORAGE})
         out.append(a)
     return out
 
 
 def format_accounts(accounts: Sequence[StudyAccount]) -> str:
+    """One line per study: instances in, results out, result sets and re-sent instances."""
     head = (f"{'study (hash)':<18} {'sent':>5} {'acked':>5} {'stored':>6} {'analysed':>8} {'outputs':>7} "
-            f"{'delivered':>9} {'receptions':>10} {'dups':>4} {'foreign':>7} {'lost':>4}  status")
+            f"{'delivered':>9} {'receptions':>10} {'sets':>4} {'dup sets':>8} {'re-sent':>7} {'foreign':>7} "
+            f"{'lost':>4}  status")
     from app.node.logs import uid_hash
 
     lines = [head]
     for a in accounts:
         lines.append(f"{uid_hash(a.study_uid):<18} {a.sent:>5} {a.acknowledged:>5} {a.stored:>6} {a.analysed:>8} "
-                     f"{a.outputs:>7} {a.delivered:>9} {a.receptions:>10} {a.duplicates:>4} {a.foreign:>7} "
-                     f"{a.lost:>4}  {a.status}")
+                     f"{a.outputs:>7} {a.delivered:>9} {a.receptions:>10} {a.result_sets:>4} "
+                     f"{a.duplicate_result_sets:>8} {a.duplicates:>7} {a.foreign:>7} {a.lost:>4}  {a.status}")
+    lines.append("(sets: distinct result sets at the archive, must be 1; re-sent: the same SOP Instance UID again "
+                 "with the same bytes, idempotent at a PACS)")
     return "\n".join(lines)
 
 
 # ---- scenarios (shared by the tests and the soak run) ---------------------------------------
+
+
+@dataclass
+class LoadRun:
+    """What :func:`load_run` did."""
+
+    accounts: list[StudyAccount]
+    statuses: dict[Path, int | None]  # every file sent: its C-STORE status (None: no response)
+    overlap: int                      # most of the 8 associations open at the same moment (audit trail)
+
+
+def load_run(root: Path, model: Path, n_studies: int, seed: int, quiet_period_s: float = 2.0,
+             timeout_s: float = 600.0) -> LoadRun:
+    """``n_studies`` studies of 32 instances, every study spread over 8 associations from 8 SCU
+    processes, all open before any sends, to a node with 2 workers whose results go to an
+    archive; returns once every study is delivered (raises otherwise)."""
+    with node_with_archive(root, model, quiet_period_s=quiet_period_s, workers=2, max_associations=12,
+                           wait_ready=False) as rig:
+        # The studies are made while the node's workers load the model.
+        studies = [make_study(root / f"study{i}", seed=seed + i, n_slices=5, min_instances=32)
+                   for i in range(n_studies)]
+        files = [p for s in studies for p in s.paths]
+        jobs = [(f"LOAD{k}", files[k::8]) for k in range(8)]
+        statuses = send_concurrently(jobs, rig.node.port, timeout_s=timeout_s)
+        for study in studies:
+            rig.node.wait_delivered(study.study_uid, timeout_s)
+        accounts = account(rig.node, rig.archive, studies, statuses)
+        overlap = max_overlap(read_audit(root / "node" / "audit.jsonl"), {ae for ae, _ in jobs})
+    return LoadRun(accounts, statuses, overlap)
 
 
 @dataclass
@@ -598,7 +643,7 @@ def crash_cycle(node: NodeProc, archive: ArchiveProc, root: Path, seed: int, tim
     x = make_study(root / f"x{seed}", seed=seed, n_slices=6)
     y = make_study(root / f"y{seed}", seed=seed + 1, n_slices=5, min_instances=30)
     acknowledged: set[Path] = set()
-    acknowledged |= {p for p, s in send_study_files(x.paths, node.port, f"SCU_X{seed % 1000}") if s == 0}
+    acknowledged |= {p for p, s in send_files(x.paths, node.port, f"SCU_X{seed % 1000}") if s == 0}
     wait_until(lambda: (node.study(x.study_uid) or {}).get("status") == "processing", timeout_s,
                "X being analysed", interval_s=0.1, alive=node.alive)
     acks: list[int | None] = []
@@ -608,13 +653,13 @@ def crash_cycle(node: NodeProc, archive: ArchiveProc, root: Path, seed: int, tim
         if len(acks) == kill_after_acks:
             node.kill_group(signal.SIGKILL)
 
-    first = send_study_files(y.paths, node.port, f"SCU_Y{seed % 1000}", on_ack=on_ack)
+    first = send_files(y.paths, node.port, f"SCU_Y{seed % 1000}", on_ack=on_ack)
     if node.alive():
         raise RuntimeError("the node outlived its first kill")
     partial = sum(1 for _, s in first if s == 0)
     acknowledged |= {p for p, s in first if s == 0}
     node = node.restart(wait_ready=False)
-    acknowledged |= {p for p, s in send_study_files(y.paths, node.port, f"SCU_Y{seed % 1000}") if s == 0}
+    acknowledged |= {p for p, s in send_files(y.paths, node.port, f"SCU_Y{seed % 1000}") if s == 0}
     wait_until(lambda: [r for r in archive.receipts() if r["study"] == x.study_uid], timeout_s,
                "X's first result at the archive", interval_s=0.05, alive=node.alive)
     at_kill = len({r["sop"] for r in archive.receipts() if r["study"] == x.study_uid})

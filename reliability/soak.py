@@ -19,9 +19,12 @@ Phases, each against ``python -m app serve`` and the project's archive as PACS o
    over DICOM against a running node process (which also analyses what it accepted).
 
 Prints one row per phase and a total: instances sent, acknowledged, stored, analysed,
-results expected and delivered, duplicate receptions, lost (must be 0), crashes survived,
-fuzz cases tried. Exit status 1 when anything was lost or a check failed. The table is also
-written to ``<workdir>/summary.txt``.
+results expected and delivered, duplicate result sets (a study's SEG/SR objects arriving
+under a second set of SOP Instance UIDs: must be 0), re-sent instances (a result sent again
+after a crash with the same SOP Instance UID and bytes: idempotent at a PACS, counted apart),
+lost (must be 0), crashes survived, fuzz cases tried. Exit status 1 when anything was lost,
+a study got a second result set, or a check failed. The table is also written to
+``<workdir>/summary.txt``.
 """
 
 from __future__ import annotations
@@ -40,7 +43,6 @@ from pathlib import Path
 from typing import Sequence
 
 from app.config import PROJECT_ROOT
-from app.node.audit import read_audit
 from app.node.net import echo, free_tcp_port
 from reliability import fuzz
 from reliability.harness import (
@@ -50,15 +52,15 @@ from reliability.harness import (
     crash_cycle,
     find_model,
     format_accounts,
+    load_run,
     make_study,
-    max_overlap,
     node_status,
-    send_concurrently,
-    send_study_files,
+    node_with_archive,
     start_archive,
     start_node,
     wait_until,
 )
+from reliability.scu import send_files
 
 
 @dataclass
@@ -70,7 +72,8 @@ class Phase:
     analysed: int = 0
     results: int = 0
     delivered: int = 0
-    duplicates: int = 0
+    duplicate_sets: int = 0   # result sets beyond one per study at the archive (must be 0)
+    resent: int = 0           # instances received again with the same UID and bytes (idempotent)
     lost: int = 0
     crashes: int = 0
     fuzz_cases: int = 0
@@ -86,11 +89,12 @@ class Phase:
             self.analysed += a.analysed
             self.results += a.outputs
             self.delivered += a.delivered
-            self.duplicates += a.duplicates
+            self.duplicate_sets += a.duplicate_result_sets
+            self.resent += a.duplicates
             self.lost += a.lost
-            if a.status != "done" or a.foreign or a.changed_duplicates:
-                self.errors.append(f"study {a.study_uid}: status {a.status}, foreign {a.foreign}, "
-                                   f"changed duplicates {a.changed_duplicates}")
+            if a.status != "done" or a.foreign or a.changed_duplicates or a.result_sets != 1:
+                self.errors.append(f"study {a.study_uid}: status {a.status}, result sets {a.result_sets}, "
+                                   f"foreign {a.foreign}, changed duplicates {a.changed_duplicates}")
 
 
 def _statuses(acknowledged, studies):
@@ -99,53 +103,35 @@ def _statuses(acknowledged, studies):
 
 def phase_load(root: Path, model: Path, n_studies: int) -> Phase:
     phase = Phase("load")
-    archive = start_archive(root / "archive")
-    node = start_node(root / "node", model, quiet_period_s=2.0, workers=2, max_associations=12, wait_ready=False,
-                      destinations=[{"ae_title": "ARCHIVE", "host": HOST, "port": archive.port}])
-    try:
-        studies = [make_study(root / f"study{i}", seed=1000 + i, n_slices=5, min_instances=32) for i in range(n_studies)]
-        files = [p for s in studies for p in s.paths]
-        jobs = [(f"LOAD{k}", files[k::8]) for k in range(8)]
-        statuses = send_concurrently(jobs, node.port, timeout_s=600)
-        for study in studies:
-            node.wait_delivered(study.study_uid, 600)
-        accounts = account(node, archive, studies, statuses)
-        phase.add(accounts)
-        overlap = max_overlap(read_audit(root / "node" / "audit.jsonl"), {ae for ae, _ in jobs})
-        phase.notes.append(f"{n_studies} studies x 32 instances over 8 associations (max open at once: {overlap})")
-        if overlap < 8:
-            phase.errors.append(f"only {overlap} associations overlapped")
-        print(format_accounts(accounts), flush=True)
-    finally:
-        node.stop()
-        archive.stop()
+    run = load_run(root, model, n_studies, seed=1000)
+    phase.add(run.accounts)
+    phase.notes.append(f"{n_studies} studies x 32 instances over 8 associations (max open at once: {run.overlap})")
+    if run.overlap < 8:
+        phase.errors.append(f"only {run.overlap} associations overlapped")
+    print(format_accounts(run.accounts), flush=True)
     return phase
 
 
 def phase_crash(root: Path, model: Path, cycles: int) -> Phase:
     phase = Phase("crash")
-    archive = start_archive(root / "archive", store_delay_s=0.7)
-    node = start_node(root / "node", model, quiet_period_s=3.0, workers=1, send_retries=50, send_backoff_s=0.5,
-                      send_backoff_max_s=2.0,
-                      destinations=[{"ae_title": "ARCHIVE", "host": HOST, "port": archive.port}])
     studies, acknowledged = [], set()
-    try:
+    with node_with_archive(root, model, store_delay_s=0.7, quiet_period_s=3.0, workers=1, send_retries=50,
+                           send_backoff_s=0.5, send_backoff_max_s=2.0) as rig:
         for i in range(cycles):
-            cycle = crash_cycle(node, archive, root, seed=2000 + 10 * i)
-            node = cycle.node
+            cycle = crash_cycle(rig.node, rig.archive, root, seed=2000 + 10 * i)
+            rig.node = cycle.node
             studies += cycle.studies
             acknowledged |= cycle.acknowledged
             phase.crashes += cycle.kills
             print(f"  crash cycle {i + 1}/{cycles}: killed during reception ({cycle.partial_acks} of Y acknowledged) "
                   f"and analysis, then during sending ({cycle.delivered_before_second_kill} result(s) out); "
                   f"both studies delivered", flush=True)
-        accounts = account(node, archive, studies, _statuses(acknowledged, studies))
+        accounts = account(rig.node, rig.archive, studies, _statuses(acknowledged, studies))
         phase.add(accounts)
         print(format_accounts(accounts), flush=True)
-        phase.notes.append(f"{cycles} cycles x 2 SIGKILLs of the process group")
-    finally:
-        node.stop()
-        archive.stop()
+        phase.notes.append(f"{cycles} cycles x 2 SIGKILLs of the process group; "
+                           f"{sum(a.duplicates for a in accounts)} result(s) re-sent with the same UID after a kill "
+                           f"(idempotent), {sum(a.duplicate_result_sets for a in accounts)} duplicate result set(s)")
     return phase
 
 
@@ -161,7 +147,7 @@ def phase_outage(root: Path, model: Path) -> Phase:
         studies = [make_study(root / f"s{i}", seed=3000 + i, n_slices=4) for i in range(3)]
         statuses = {}
         for study in studies:
-            statuses.update(send_study_files(study.paths, node.port, "SCU"))
+            statuses.update(send_files(study.paths, node.port, "SCU"))
         wait_until(lambda: all((rows := node.outbox(s.study_uid)) and all(r["attempts"] >= 1 for r in rows)
                                for s in studies), 300, "every result tried", interval_s=0.5, alive=node.alive)
         time.sleep(8.0)
@@ -188,12 +174,10 @@ def phase_outage(root: Path, model: Path) -> Phase:
 
 def phase_sigterm(root: Path, model: Path) -> Phase:
     phase = Phase("sigterm")
-    archive = start_archive(root / "archive")
-    node = start_node(root / "node", model, quiet_period_s=1.0, shutdown_grace_s=0.3,
-                      destinations=[{"ae_title": "ARCHIVE", "host": HOST, "port": archive.port}])
-    try:
+    with node_with_archive(root, model, quiet_period_s=1.0, shutdown_grace_s=0.3) as rig:
+        node = rig.node
         study = make_study(root / "study", seed=4000, n_slices=8)
-        statuses = dict(send_study_files(study.paths, node.port, "SCU"))
+        statuses = dict(send_files(study.paths, node.port, "SCU"))
         wait_until(lambda: (node.study(study.study_uid) or {}).get("status") == "processing", 120, "analysis",
                    interval_s=0.1, alive=node.alive)
         time.sleep(0.5)
@@ -202,15 +186,12 @@ def phase_sigterm(root: Path, model: Path) -> Phase:
         node.stop()
         if code != 0 or node.study(study.study_uid)["status"] != "processing":
             phase.errors.append(f"SIGTERM: exit {code}, study {node.study(study.study_uid)['status']}")
-        node = node.restart(wait_ready=False)
+        node = rig.restart(wait_ready=False)
         node.wait_delivered(study.study_uid, 300)
-        accounts = account(node, archive, [study], statuses)
+        accounts = account(node, rig.archive, [study], statuses)
         phase.add(accounts)
         print(format_accounts(accounts), flush=True)
         phase.notes.append("SIGTERM during analysis (grace 0.3 s), exit 0, completed after restart")
-    finally:
-        node.stop()
-        archive.stop()
     return phase
 
 
@@ -242,22 +223,15 @@ def phase_fuzz(root: Path, model: Path, cases: int, wire: int, seed_value: int) 
             node.stop()
     phase.fuzz_cases = stats.total
     phase.errors += stats.failures
-    if stats.loader_findings:
-        phase.notes.append("finding: index_folder raised on files the listener refuses (python -m app run only): "
-                           + ", ".join(f"{k} x{v}" for k, v in stats.loader_findings.most_common()))
-    if stats.escaped:
-        phase.notes.append("finding: raised past the pipeline's Exception handling during selection/loading "
-                           "(the node fails such a study and replaces its worker): "
-                           + ", ".join(f"{k} x{v}" for k, v in stats.escaped.most_common()))
     print(fuzz.format_stats(stats, time.monotonic() - start), flush=True)
     return phase
 
 
 def format_table(phases: Sequence[Phase], parameters: str) -> str:
-    cols = ["sent", "acknowledged", "stored", "analysed", "results", "delivered", "duplicates", "lost", "crashes",
-            "fuzz_cases"]
-    heads = ["phase", "inst sent", "acked", "stored", "analysed", "results", "delivered", "dup recv", "lost",
-             "crashes", "fuzz cases", "time s"]
+    cols = ["sent", "acknowledged", "stored", "analysed", "results", "delivered", "duplicate_sets", "resent", "lost",
+            "crashes", "fuzz_cases"]
+    heads = ["phase", "inst sent", "acked", "stored", "analysed", "results", "delivered", "dup result sets",
+             "re-sent (same UID)", "lost", "crashes", "fuzz cases", "time s"]
     rows = [[p.name] + [str(getattr(p, c)) for c in cols] + [f"{p.seconds:.0f}"] for p in phases]
     total = Phase("TOTAL")
     for p in phases:
@@ -267,6 +241,8 @@ def format_table(phases: Sequence[Phase], parameters: str) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(heads)]
     line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     out = [parameters, "", line(heads), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    out.append("  dup result sets: a second set of SEG/SR objects (new UIDs) for a study, must be 0; re-sent: a "
+               "result sent again after a crash with the same SOP Instance UID and bytes (idempotent at a PACS)")
     for p in phases:
         for note in p.notes:
             out.append(f"  {p.name}: {note}")
@@ -327,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = format_table(phases, parameters)
     print("\n" + table)
     (workdir / "summary.txt").write_text(table + "\n")
-    failed = any(p.errors or p.lost for p in phases)
+    failed = any(p.errors or p.lost or p.duplicate_sets for p in phases)
     print("\nsoak: " + ("FAILED" if failed else "passed: nothing lost, every check held"))
     return 1 if failed else 0
 

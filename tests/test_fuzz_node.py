@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from reliability import fuzz
 
 IN_PROCESS_CASES = 300
-WIRE_CASES = 80
+WIRE_CASES = 50
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,7 @@ def test_in_process_receive_spool_index_select_load(corpus, tmp_path):
     stats = fuzz.run_in_process(tmp_path, corpus, IN_PROCESS_CASES, derandomize=True)
     print("\n" + fuzz.format_stats(stats, 0))
     assert stats.failures == []
+    assert not stats.escaped and not stats.loader_findings  # nothing past the pipeline's handling; index never raised
     assert stats.total >= IN_PROCESS_CASES
     assert stats.accepted > 0 and sum(stats.refused.values()) > 0  # both sides of the check were exercised
 

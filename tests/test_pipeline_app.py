@@ -3,8 +3,9 @@
 One application run handles many studies at once (as a batch would): a clean mixed study,
 disc-angled stacks, non-square pixels, four compressed transfer syntaxes, a sagittal-only
 study, a study without PixelSpacing, one with inconsistent slice sizes, one whose pixel data
-is truncated, plus corrupt files, a text file, an SR and a PDF mixed in. Each study must end
-with the right status and a reason; nothing half-written may look complete.
+is truncated, one whose RLE pixel data make the Rust RLE decoder panic (pyo3's PanicException,
+no ``Exception``), plus corrupt files, a text file, an SR and a PDF mixed in. Each study must
+end with the right status and a reason; nothing half-written may look complete.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from dicom_validators import dciodvfy_errors
 from paraspinal.stacks import load_stack
 from paraspinal.synthetic_study import make_sagittal_only_study, make_synthetic_study
+from reliability.harness import make_codec_crash_study
 from tests.conftest import MODEL_PATH, ROOT
 
 COMPRESSED = ["jpeg_lossless", "jpeg_ls", "jpeg2000_lossless", "rle"]
@@ -75,6 +77,7 @@ def batch(tmp_path_factory):
     studies["truncated"] = make_synthetic_study(inp / "truncated", seed=17, n_slices=4, include_distractors=False)
     victim = studies["truncated"].t2_paths[2]
     victim.write_bytes(victim.read_bytes()[:-20000])
+    studies["panic"] = make_codec_crash_study(inp / "panic", seed=18)
     # Junk and non-image objects mixed into the mixed study's folder.
     junk = inp / "mixed" / "junk"
     junk.mkdir()
@@ -93,7 +96,7 @@ def batch(tmp_path_factory):
 
 def test_every_study_gets_a_result_and_the_run_reports_the_failure(batch):
     assert set(batch["results"]) == set(batch["studies"]), batch["run"].stderr[-3000:]
-    assert batch["run"].returncode == 1  # one study (truncated) failed: said in the exit code
+    assert batch["run"].returncode == 1  # two studies (truncated, panic) failed: said in the exit code
     outcomes = json.loads(batch["run"].stdout[: batch["run"].stdout.rindex("]") + 1])
     assert len(outcomes) == len(batch["studies"])
     assert not list(batch["out"].glob(".incomplete-*"))
@@ -141,6 +144,15 @@ def test_study_with_undecodable_pixels_fails_naming_the_file_and_keeps_no_partia
     assert batch["studies"]["truncated"].t2_paths[2].name in result["reason"]
     folder = batch["out"] / batch["studies"]["truncated"].study_uid
     assert sorted(p.name for p in folder.iterdir()) == ["result.json"]
+
+
+def test_a_decoder_panic_fails_only_its_study_naming_the_file(batch):
+    """pyo3's PanicException derives from BaseException: it must still end as this study's
+    failure in stage "load", not abort the run (the other studies have results, see above)."""
+    result = batch["results"]["panic"]
+    assert result["status"] == "failed" and result["failed_stage"] == "load", result
+    assert batch["studies"]["panic"].paths[0].name in result["reason"]  # the poisoned slice
+    assert "pixel data could not be decoded" in result["reason"] and "PanicException" in result["reason"]
 
 
 @pytest.mark.parametrize("syntax", COMPRESSED)

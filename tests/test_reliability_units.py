@@ -1,5 +1,7 @@
 """Reliability and security of the receive path, without a model: access control, transport
-and data set limits, disk pressure, DICOM TLS, the audit trail, log privacy, the health check.
+and data set limits, disk pressure, DICOM TLS (with AE titles bound to client certificates),
+the audit trail, log privacy, the health check; and, in the pipeline, a decoder panic made a
+study's failure, and the accounting of result sets the crash tests and the soak run rely on.
 
 Every listener runs on a free loopback port and is stopped by the test; the peers are DCMTK
 ``storescu``/``storescp``/``echoscu``, pynetdicom and raw sockets. Nothing here needs a GPU or
@@ -10,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ import pytest
 import yaml
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, MRImageStorage, generate_uid
-from pynetdicom import AE, _config as pynetdicom_config
+from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from app.config import AllowedPeer, PeerAddress, load_config
@@ -42,7 +43,9 @@ from app.node.spool import Spool
 from app.node.state import StateStore, destination_key
 from app.node.status import health
 from paraspinal.synthetic_study import make_synthetic_study
-from reliability.harness import HOST, PROJECT_ROOT, send_study_files, wait_until
+from reliability.fuzz import part10_bytes
+from reliability.harness import HOST, PROJECT_ROOT, wait_until
+from reliability.scu import send_files
 
 needs_dcmtk = pytest.mark.skipif(subprocess.run(["which", "storescu"], capture_output=True).returncode != 0,
                                  reason="DCMTK not installed")
@@ -128,30 +131,14 @@ def _associate(port: int, calling_ae: str = "PYSCU", syntaxes=(ExplicitVRLittleE
 
 def _file_with_dataset_bytes(path: Path, sop_class: str, sop_uid: str, transfer_syntax: str, data: bytes) -> Path:
     """A Part 10 file whose data set is exactly ``data`` (as a peer would put it on the wire)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, sop_uid
-    meta.TransferSyntaxUID = transfer_syntax
-    buffer = io.BytesIO()
-    pydicom.filewriter.write_file_meta_info(buffer, meta, enforce_standard=True)
-    path.write_bytes(b"\0" * 128 + b"DICM" + buffer.getvalue() + data)
+    path.write_bytes(part10_bytes(sop_class, sop_uid, transfer_syntax, data))
     return path
 
 
-def _send_raw(port: int, path: Path, calling_ae: str = "PYSCU", syntax: str = ExplicitVRLittleEndian):
+def _send_raw(port: int, path: Path, calling_ae: str = "PYSCU") -> int | None:
     """C-STORE a file's data set bytes as they are (no decode/re-encode); returns status or None."""
-    old = pynetdicom_config.STORE_SEND_CHUNKED_DATASET
-    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
-    try:
-        assoc = _associate(port, calling_ae, syntaxes=(syntax,))
-        assert assoc.is_established
-        try:
-            rsp = assoc.send_c_store(path)
-            return int(rsp.Status) if rsp is not None and "Status" in rsp else None
-        finally:
-            if assoc.is_established:
-                assoc.release()
-    finally:
-        pynetdicom_config.STORE_SEND_CHUNKED_DATASET = old
+    ((_, status),) = send_files([path], port, calling_ae, raw=True)
+    return status
 
 
 def _encoded(ds: Dataset) -> bytes:
@@ -237,7 +224,7 @@ def test_a_deflate_bomb_is_refused(tmp_path, node_log):
     ds.save_as(path, enforce_file_format=True)
     assert path.stat().st_size < 200_000
     with running_listener(tmp_path / "node", max_dataset_mb=1) as node:
-        assert _send_raw(node.port, path, syntax=DeflatedExplicitVRLittleEndian) == 0xA700
+        assert _send_raw(node.port, path) == 0xA700
         assert "inflates to more than 1 MiB" in node_log.text()
         assert _spooled(node) == []
 
@@ -367,6 +354,51 @@ def test_a_write_cut_short_by_a_file_size_limit_never_leaves_a_truncated_file(tm
     assert "spool write failed: OSError" in (tmp_path / "intake.log").read_text()
 
 
+# ---- malformed input in the pipeline -------------------------------------------------------------
+
+
+def test_a_decoder_panic_is_the_studys_load_failure_naming_the_file(tmp_path):
+    """A crafted RLE frame (segment offsets that let the first segment decode 2 bytes too many)
+    makes the Rust RLE decoder panic with pyo3's PanicException, a BaseException that is no
+    Exception; load_stack turns it into the study's StackError naming the file."""
+    from app.config import load_config
+    from paraspinal.dicom_index import index_folder
+    from paraspinal.series_selection import select_series
+    from paraspinal.stacks import StackError, load_stack
+    from reliability.harness import make_codec_crash_study
+
+    poison = make_codec_crash_study(tmp_path / "poison")
+    with pytest.raises(BaseException) as raised:  # the panic itself, straight from the decoder
+        pydicom.dcmread(poison.paths[0]).pixel_array
+    assert type(raised.value).__name__ == "PanicException" and not isinstance(raised.value, Exception)
+    (study,) = index_folder(tmp_path / "poison").studies.values()
+    chosen = select_series(study, load_config(environ={}).selection).chosen
+    with pytest.raises(StackError) as failed:
+        load_stack(chosen.stacks[0], chosen.series_uid, 1)
+    message = str(failed.value)
+    assert message.startswith(f"{poison.paths[0].name}: pixel data could not be decoded"), message
+    assert "PanicException" in message
+
+
+def test_a_stage_records_what_derives_from_base_exception_but_lets_ctrl_c_and_exit_through():
+    from paraspinal.dicom_index import StudyRecord
+    from paraspinal.study_job import JobStatus, StudyJob
+
+    class PanicException(BaseException):  # as pyo3 defines it
+        pass
+
+    job = StudyJob(study=StudyRecord("1.2.3"))
+    with job.stage("load"):
+        raise PanicException("index out of bounds")
+    assert (job.status, job.failed_stage, job.reason) == (JobStatus.FAILED, "load",
+                                                          "PanicException: index out of bounds")
+    assert "load" in job.timings_s
+    for stop in (KeyboardInterrupt(), SystemExit(3)):
+        with pytest.raises(type(stop)):
+            with StudyJob(study=StudyRecord("1.2.3")).stage("load"):
+                raise stop
+
+
 # ---- graceful stop of the listener ------------------------------------------------------------
 
 
@@ -385,7 +417,7 @@ def test_stopping_the_listener_lets_an_open_association_finish(tmp_path):
             stopper.start()  # stop while the association is half way
         time.sleep(0.2)
 
-    results = send_study_files(study.all_paths, port, "PYSCU", on_ack=on_ack)
+    results = send_files(study.all_paths, port, "PYSCU", on_ack=on_ack)
     stopper.join(20)
     state.close()
     assert [s for _, s in results] == [0] * len(study.all_paths)
@@ -407,8 +439,8 @@ def _tls_settings(pki, **more):
                 tls_ca_certificates=pki.ca_cert, tls_require_client_certificate=True, **more)
 
 
-def _storescu_tls(args: list[str], port: int, path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(["storescu", *args, "-aet", "STORESCU", "-aec", "PARASPINAL", HOST, str(port), str(path)],
+def _storescu_tls(args: list[str], port: int, path: Path, calling_ae: str = "STORESCU") -> subprocess.CompletedProcess:
+    return subprocess.run(["storescu", *args, "-aet", calling_ae, "-aec", "PARASPINAL", HOST, str(port), str(path)],
                           capture_output=True, text=True, timeout=60)
 
 
@@ -453,6 +485,84 @@ def test_tls_turns_away_peers_without_a_trusted_certificate_and_a_stalled_handsh
         assert [p.stem for p in _spooled(node)] == [pydicom.dcmread(path).SOPInstanceUID]
     failures = [e for e in read_audit(tmp_path / "node" / "audit.jsonl") if e["event"] == "tls_handshake_failed"]
     assert len(failures) >= 3
+
+
+def _sha256_of_pem(path: Path) -> str:
+    import hashlib
+    import ssl
+
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(path.read_text())).hexdigest()
+
+
+@needs_dcmtk
+@needs_openssl
+def test_tls_client_certificates_bound_to_ae_titles(tmp_path, pki):
+    """allowed_peers binds SCANNER1 to the client certificate's subject CN and FPCHECK to its
+    SHA-256 fingerprint (written with colons, upper case); OTHER is allowed without a binding.
+    Every peer below presents a certificate the CA signed (the TLS handshake succeeds):
+
+    * SCANNER1 and FPCHECK with the bound certificate store;
+    * OTHER with SCANNER1's certificate is refused (the certificate belongs to another AE title);
+    * SCANNER1 with another trusted certificate (the node's own) is refused;
+
+    each refusal an A-ASSOCIATE-RJ, logged and audited with the reason; nothing of theirs is spooled."""
+    study = make_synthetic_study(tmp_path / "study", seed=10, rows=32, cols=32, pixel_spacing=(8.0, 8.0), n_slices=4,
+                                 include_distractors=False)
+    paths = study.all_paths
+    fingerprint = _sha256_of_pem(pki.client_cert).upper()
+    peers = (AllowedPeer("SCANNER1", HOST, tls_subject_cn="scanner-client"),
+             AllowedPeer("FPCHECK", HOST, tls_sha256=":".join(fingerprint[i:i + 2] for i in range(0, 64, 2))),
+             AllowedPeer("OTHER", HOST))
+    client = ["+tls", str(pki.client_key), str(pki.client_cert), "+cf", str(pki.ca_cert)]
+    other_cert = ["+tls", str(pki.server_key), str(pki.server_cert), "+cf", str(pki.ca_cert)]
+    with running_listener(tmp_path / "node", **_tls_settings(pki, allowed_peers=peers)) as node:
+        stored = [_storescu_tls(client, node.port, paths[0], "SCANNER1"),
+                  _storescu_tls(client, node.port, paths[1], "FPCHECK")]
+        assert [r.returncode for r in stored] == [0, 0], [r.stderr for r in stored]
+        refused = {"OTHER": _storescu_tls(client, node.port, paths[2], "OTHER"),
+                   "SCANNER1": _storescu_tls(other_cert, node.port, paths[3], "SCANNER1")}
+        for ae, run in refused.items():
+            assert run.returncode != 0 and "Association Rejected" in run.stdout + run.stderr, (ae, run.stderr)
+        spooled = {p.stem for p in _spooled(node)}
+    assert spooled == {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths[:2]}
+    events = read_audit(tmp_path / "node" / "audit.jsonl")
+    rejected = {e["calling_ae"]: e["reason"] for e in events if e["event"] == "association_rejected"}
+    assert rejected.keys() == {"OTHER", "SCANNER1"}
+    assert "is bound to AE title FPCHECK, SCANNER1, not OTHER" in rejected["OTHER"]
+    assert "not the one bound to calling AE title SCANNER1" in rejected["SCANNER1"]
+    assert "node-server" in rejected["SCANNER1"]
+    sessions = {e["calling_ae"]: e["tls_subject"] for e in events if e["event"] == "association"}
+    assert sessions == {"SCANNER1": "commonName=scanner-client", "FPCHECK": "commonName=scanner-client"}
+
+
+def test_certificate_binding_rules():
+    """The rules behind the test above, without sockets: no binding, no check; a bound AE title
+    needs its certificate (CN and/or fingerprint, both when both are given); a bound
+    certificate serves only its AE title."""
+    from app.node.net import PeerCertificate, certificate_binding_refusal
+
+    scanner = PeerCertificate("scanner-client", "ab" * 32)
+    other = PeerCertificate("other", "cd" * 32)
+    assert certificate_binding_refusal((AllowedPeer("A"), AllowedPeer("B")), "A", None) is None
+    peers = (AllowedPeer("A", tls_subject_cn="scanner-client"), AllowedPeer("B"),
+             AllowedPeer("C", tls_subject_cn="other", tls_sha256="AB:" * 31 + "AB"))
+    assert certificate_binding_refusal(peers, "A", scanner) is None
+    assert certificate_binding_refusal(peers, " A ", scanner) is None  # AE titles are padded with spaces
+    assert "not the one bound" in certificate_binding_refusal(peers, "A", other)
+    assert "no client certificate" in certificate_binding_refusal(peers, "A", None)
+    assert "bound to AE title A, not B" in certificate_binding_refusal(peers, "B", scanner)
+    assert certificate_binding_refusal(peers, "B", PeerCertificate("unbound", "ef" * 32)) is None
+    assert certificate_binding_refusal(peers, "C", PeerCertificate("other", "ab" * 32)) is None
+    assert "not the one bound" in certificate_binding_refusal(peers, "C", other)  # CN right, fingerprint wrong
+
+
+def test_allowed_peer_binding_from_yaml(tmp_path):
+    site = tmp_path / "site.yaml"
+    site.write_text(yaml.safe_dump({"node": {"allowed_peers": [
+        {"ae_title": "MR1", "host": "10.0.0.5", "tls_subject_cn": "mr1.example.org"}, {"ae_title": "MR2"}]}}))
+    peers = load_config(site, environ={}).node.allowed_peers
+    assert peers == (AllowedPeer("MR1", "10.0.0.5", tls_subject_cn="mr1.example.org"), AllowedPeer("MR2"))
+    assert peers[0].tls_bound and not peers[1].tls_bound
 
 
 @needs_dcmtk
@@ -501,6 +611,50 @@ def test_sender_delivers_over_tls_and_the_health_check_speaks_tls(tmp_path, pki)
             state.close()
     finally:
         pacs.stop()
+
+
+# ---- accounting of the crash tests and the soak run ------------------------------------------------
+
+
+def test_accounting_tells_a_resent_instance_from_a_second_result_set(tmp_path):
+    """What the archive received, per study: the SEG sent twice with the same UID and bytes
+    (a resend after a crash: idempotent) is a re-sent instance, not a second result set; an SR
+    and SEG under new UIDs (another analysis' objects) are a duplicate result set, and the
+    soak table reports both apart (and fails on the latter)."""
+    from types import SimpleNamespace
+
+    from reliability import soak
+    from reliability.harness import SEG_STORAGE, StudyFiles, account
+
+    sr_class, pdf_class = "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.104.1"
+    studies, receipts = [], []
+    for name, extra_set in (("once", False), ("twice", True)):
+        study_uid = generate_uid()
+        results = tmp_path / "results" / study_uid
+        results.mkdir(parents=True)
+        outputs = {}
+        for kind, sop_class in (("seg_stack1", SEG_STORAGE), ("sr", sr_class), ("report_pdf", pdf_class)):
+            outputs[kind] = (generate_uid(), sop_class)
+            _file_with_dataset_bytes(results / f"{kind}.dcm", sop_class, outputs[kind][0], ExplicitVRLittleEndian, b"")
+        (results / "result.json").write_text(json.dumps({"series_decisions": [], "skipped_files": []}))
+        sent = [(uid, cls, "same") for uid, cls in outputs.values()] + [(outputs["seg_stack1"][0], SEG_STORAGE, "same")]
+        if extra_set:
+            sent += [(generate_uid(), SEG_STORAGE, "other"), (generate_uid(), sr_class, "other")]
+        receipts += [{"sop": uid, "study": study_uid, "sop_class": cls, "sha256": digest} for uid, cls, digest in sent]
+        studies.append(StudyFiles(study_uid, [], {}))
+    node = SimpleNamespace(settings={"spool_dir": str(tmp_path / "spool"), "results_dir": str(tmp_path / "results")},
+                           study=lambda uid: {"status": "done"})
+    once, twice = account(node, SimpleNamespace(receipts=lambda: receipts), studies, {})
+    assert (once.duplicates, once.seg_uids, once.sr_uids, once.result_sets, once.duplicate_result_sets) == (1, 1, 1, 1, 0)
+    assert (twice.duplicates, twice.seg_uids, twice.sr_uids, twice.result_sets, twice.duplicate_result_sets) == \
+        (1, 2, 2, 2, 1)
+    phase = soak.Phase("crash")
+    phase.add([once])
+    assert (phase.resent, phase.duplicate_sets, phase.errors) == (1, 0, [])
+    phase.add([twice])
+    assert (phase.resent, phase.duplicate_sets) == (2, 1) and "result sets 2" in phase.errors[0]
+    table = soak.format_table([phase], "params")
+    assert "dup result sets" in table and "re-sent (same UID)" in table
 
 
 # ---- audit and log privacy --------------------------------------------------------------------

@@ -99,3 +99,91 @@ def test_dixon_water_image_marked_in_image_type_is_not_taken_as_the_t2(mixed_stu
     selection = select_series(only_study(tmp_path), config.selection)
     assert selection.chosen is None
     assert "Dixon water image" in selection.decisions[0].reason
+
+
+# ---- odd geometry and unreadable headers --------------------------------------------------------
+
+
+def _raw_value(path, keyword: str, raw: bytes, out) -> None:
+    """Copy ``path`` to ``out`` with ``keyword``'s value replaced by ``raw`` as written on disk,
+    whatever its VR allows (as a broken modality might write it)."""
+    import pydicom
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+    from pydicom.dataelem import RawDataElement
+
+    ds = pydicom.dcmread(path)
+    tag = tag_for_keyword(keyword)
+    raw += b" " * (len(raw) % 2)
+    ds._dict[tag] = RawDataElement(tag, dictionary_VR(tag), len(raw), raw, 0, False, True)
+    ds.save_as(out)
+
+
+def _copy_series(paths, folder, series_number: int, edit=None) -> None:
+    """The series again under a new Series Instance UID (and new SOP Instance UIDs)."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    folder.mkdir(parents=True)
+    series_uid = generate_uid()
+    for i, path in enumerate(paths):
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID, ds.SeriesNumber = series_uid, series_number
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(folder / f"{i}.dcm")
+        if edit is not None and i == 1:  # the second slice, so the first header alone looks fine
+            edit(folder / f"{i}.dcm")
+
+
+@pytest.mark.parametrize("keyword, raw, words", [
+    ("ImageOrientationPatient", b"1\\0\\0\\0\\1", "ImageOrientationPatient has 5 values, expected 6"),
+    ("PixelSpacing", b"a\\b", "PixelSpacing value 'a' is not a number"),
+    ("ImagePositionPatient", b"nan\\nan\\nan", "ImagePositionPatient value nan is not a finite number"),
+    ("PixelSpacing", b"inf\\1", "PixelSpacing value inf is not a finite number"),
+    ("ImagePositionPatient", b"0\\0", "ImagePositionPatient has 2 values, expected 3"),
+    ("Rows", b"\x00\x00", "image size 0 x"),
+], ids=["iop_5_values", "spacing_not_a_number", "position_nan", "spacing_inf", "position_2_values", "rows_0"])
+def test_a_series_with_odd_geometry_is_rejected_by_name_and_the_good_one_still_chosen(mixed_study, config, tmp_path,
+                                                                                      keyword, raw, words):
+    """A copy of the axial T2 (series 9) with one odd geometry value in its first or second
+    slice: that series is rejected with a reason naming it, the file and the attribute (not
+    Python's own error text), and the real T2 is still chosen."""
+    import shutil
+
+    shutil.copytree(mixed_study.root, tmp_path / "study")
+    _copy_series(mixed_study.t2_paths, tmp_path / "study" / "copy", 9,
+                 edit=lambda path: _raw_value(path, keyword, raw, path))
+    selection = select_series(only_study(tmp_path / "study"), config.selection)
+    assert selection.chosen is not None and selection.chosen.series_uid == mixed_study.t2_series_uid
+    (odd,) = [d for d in selection.decisions if d.series_number == "9"]
+    assert not odd.accepted and odd.reason.startswith("series 9: 1.dcm: ") and words in odd.reason, odd.reason
+    assert "could not convert" not in odd.reason and "Error" not in odd.reason
+
+
+def test_an_odd_echo_time_is_no_weighting(mixed_study, config, tmp_path):
+    for path in mixed_study.t2_paths:
+        _raw_value(path, "EchoTime", b"nan", tmp_path / path.name)
+    selection = select_series(only_study(tmp_path), config.selection)
+    assert selection.chosen is None
+    assert "EchoTime or RepetitionTime missing or not a finite number" in selection.decisions[0].reason
+
+
+def test_a_file_with_an_unknown_vr_in_a_uid_is_skipped_naming_the_file_and_the_rest_indexed(mixed_study, tmp_path,
+                                                                                           caplog):
+    """pydicom decodes values lazily and raises NotImplementedError for an unknown VR only when
+    the value is first used: such a file is one input problem (named, with the reason, in the
+    log), like any unreadable file; index_folder does not raise."""
+    import shutil
+
+    shutil.copytree(mixed_study.root, tmp_path / "study")
+    victim = tmp_path / "study" / mixed_study.t2_paths[0].relative_to(mixed_study.root)
+    data = bytearray(victim.read_bytes())
+    at = data.index(b"\x20\x00\x0d\x00UI", 300)  # StudyInstanceUID, explicit VR
+    data[at + 4:at + 6] = b"XY"
+    victim.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="paraspinal.dicom_index"):
+        index = index_folder(tmp_path / "study")
+    assert [p.path for p in index.problems] == [victim]
+    assert "Unknown Value Representation 'XY' in tag (0020,000D)" in index.problems[0].reason
+    assert str(victim) in caplog.text and "input file skipped" in caplog.text
+    (study,) = index.studies.values()
+    assert study.n_instances == len(mixed_study.all_paths) - 1
