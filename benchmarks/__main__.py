@@ -111,7 +111,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         from benchmarks.nodebench import run_ingest
 
         results["ingest"] = attempt("ingest", lambda: run_ingest(study, work / "ingest", model, args.ingest_rounds,
-                                                                 args.ingest_copies, tree, log=_log))
+                                                                 args.ingest_copies, tree, log=_log,
+                                                                 baseline_tree=args.ingest_baseline_tree))
     if "concurrency" in suites:
         from benchmarks.nodebench import run_concurrency
 
@@ -165,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet-period", type=float, default=1.0, help="the node's quiet period, s (subtracted)")
     run.add_argument("--ingest-rounds", type=int, default=6, help="alternating rounds node/storescp")
     run.add_argument("--ingest-copies", type=int, default=2, help="copies of the study per ingest round")
+    run.add_argument("--ingest-baseline-tree", type=Path, default=None,
+                     help="ingest: a second node from this source tree takes its turn too (side-by-side A/B)")
     run.add_argument("--senders", type=int, default=4, help="concurrent senders")
     run.add_argument("--concurrency-rounds", type=int, default=1)
     run.add_argument("--workers", type=int, default=1, help="the node's worker processes in the concurrency suite")

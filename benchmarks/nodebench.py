@@ -14,6 +14,7 @@ Times are wall-clock seconds on this machine (the node's log lines carry UTC mil
 from __future__ import annotations
 
 import calendar
+import contextlib
 import hashlib
 import json
 import os
@@ -570,17 +571,26 @@ def _storescu(paths: Sequence[Path], port: int, called_ae: str) -> float:
     return elapsed
 
 
-#: The receivers of the ingest suite: the node, storescp as DCMTK ships it, and storescp with
-#: Nagle's algorithm off (DCMTK's TCP_NODELAY=1). With Nagle on, storescp's small C-STORE response
-#: waits for the sender's delayed ACK (~40 ms per instance on Linux loopback), which makes the
-#: default storescp an unfairly slow reference.
-SCP_VARIANTS = (("storescp", {}), ("storescp_nodelay", {"TCP_NODELAY": "1"}))
+#: The DCMTK receivers of the ingest suite: storescp as DCMTK ships it; with Nagle's algorithm off
+#: (DCMTK's TCP_NODELAY=1: the node's sockets have it off too, so this is the fair reference and
+#: the one the target is judged against); and with Nagle off plus a ``sync`` after every instance,
+#: run synchronously (``-xcr /bin/sync -xs``: storescp runs it after sending the response, but
+#: before it reads the next request, so a one-association sender waits for it as it waits for the
+#: node's fsyncs). With Nagle on, storescp's small C-STORE response waits for the sender's delayed
+#: ACK (~40 ms per instance on Linux loopback), which makes the default storescp an unfairly slow
+#: reference. (name, environment, extra arguments)
+SCP_VARIANTS = (("storescp", {}, ()), ("storescp_nodelay", {"TCP_NODELAY": "1"}, ()),
+                ("storescp_nodelay_sync", {"TCP_NODELAY": "1"}, ("-xcr", "/bin/sync", "-xs")))
 
 
 def run_ingest(study: BenchStudy, work: Path, model: Path, rounds: int, copies: int, tree: Path = ROOT,
-               log=print) -> dict:
+               log=print, baseline_tree: Path | None = None) -> dict:
     """The node's listener and DCMTK storescp receive the same instances from the same storescu,
-    in turn (the order rotates every round); a fresh copy with new UIDs every round."""
+    in turn (the order rotates every round); a fresh copy with new UIDs every round.
+
+    With ``baseline_tree``, a second node started from that source tree ("node_baseline") takes
+    its turn too, so a change to the listener is compared side by side under the same load.
+    """
     if not shutil.which("storescp") or not shutil.which("storescu"):
         return {"skipped": "DCMTK storescp/storescu not installed"}
     batches = [[p for c in range(copies) for p in clone_study(study, work / "clones" / f"r{r}c{c}",
@@ -591,15 +601,19 @@ def run_ingest(study: BenchStudy, work: Path, model: Path, rounds: int, copies: 
     rows = []
     scps: dict[str, tuple[subprocess.Popen, int, Path]] = {}
     handles = []
-    # A long quiet period: the node only receives during the measurement, it never analyses.
-    with NodeUnderTest(work / "node", model, tree, None, quiet_period_s=3600.0) as node:
+    nodes = {"node": tree} if baseline_tree is None else {"node": tree, "node_baseline": Path(baseline_tree)}
+    scp_names = [name for name, _, _ in SCP_VARIANTS]
+    # A long quiet period: the nodes only receive during the measurement, they never analyse.
+    with contextlib.ExitStack() as stack:
+        started = {name: stack.enter_context(NodeUnderTest(work / name, model, node_tree, None, quiet_period_s=3600.0))
+                   for name, node_tree in nodes.items()}
         try:
-            for name, env in SCP_VARIANTS:
+            for name, env, extra in SCP_VARIANTS:
                 folder, port = work / name, free_port()
                 folder.mkdir(parents=True, exist_ok=True)
                 handle = open(work / f"{name}.log", "wb")
                 handles.append(handle)
-                proc = subprocess.Popen(["storescp", "-aet", SCP_AE, "+B", "-od", str(folder), str(port)],
+                proc = subprocess.Popen(["storescp", "-aet", SCP_AE, "+B", "-od", str(folder), *extra, str(port)],
                                         stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
                                         env=dict(os.environ, **env))
                 scps[name] = (proc, port, folder)
@@ -608,24 +622,29 @@ def run_ingest(study: BenchStudy, work: Path, model: Path, rounds: int, copies: 
                     if time.time() > deadline or proc.poll() is not None:
                         raise RuntimeError(f"{name} did not answer C-ECHO")
                     time.sleep(0.2)
-            receivers = [("node", node.node_port, NODE_AE)]
-            receivers += [(name, scps[name][1], SCP_AE) for name, _ in SCP_VARIANTS]
+            receivers = [(name, node.node_port, NODE_AE, node.node.pid) for name, node in started.items()]
+            receivers += [(name, scps[name][1], SCP_AE, scps[name][0].pid) for name in scp_names]
             for r, batch in enumerate(batches):
                 load_before = load_average()
                 order = receivers[r % len(receivers):] + receivers[:r % len(receivers)]
                 row = {"round": r + 1, "order": [o[0] for o in order], "load_average_before": load_before}
-                for name, port, ae in order:
+                for name, port, ae, pid in order:
+                    cpu_before = _cpu_seconds(pid)
                     seconds = _storescu(batch, port, ae)
+                    # The receiving process's own CPU time: far less sensitive to other people's load
+                    # than the wall time (clock ticks of 10 ms over the round).
+                    row[f"{name}_cpu_ms_per_instance"] = round(1000 * (_cpu_seconds(pid) - cpu_before) / n, 2)
                     row[f"{name}_s"] = round(seconds, 3)
                     row[f"{name}_mb_per_s"] = round(size / 1e6 / seconds, 2)
                     row[f"{name}_instances_per_s"] = round(n / seconds, 1)
-                for name, _ in SCP_VARIANTS:
-                    row[f"ratio_node_over_{name}"] = round(row["node_mb_per_s"] / row[f"{name}_mb_per_s"], 3)
+                for node_name in nodes:
+                    for name in scp_names:
+                        row[f"ratio_{node_name}_over_{name}"] = round(row[f"{node_name}_mb_per_s"]
+                                                                      / row[f"{name}_mb_per_s"], 3)
                 rows.append(row)
-                log(f"  round {r + 1}/{rounds}: node {row['node_mb_per_s']} MB/s, storescp {row['storescp_mb_per_s']} "
-                    f"MB/s (Nagle off: {row['storescp_nodelay_mb_per_s']} MB/s), ratios "
-                    f"{row['ratio_node_over_storescp']} / {row['ratio_node_over_storescp_nodelay']} "
-                    f"(load {load_before[0]})")
+                log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{name} {row[f'{name}_mb_per_s']} MB/s"
+                                                              for name, _, _, _ in order)
+                    + f"; node / storescp Nagle off {row['ratio_node_over_storescp_nodelay']} (load {load_before[0]})")
                 for _, (_, _, folder) in scps.items():
                     shutil.rmtree(folder, ignore_errors=True)
                     folder.mkdir()
@@ -640,13 +659,25 @@ def run_ingest(study: BenchStudy, work: Path, model: Path, rounds: int, copies: 
                 handle.close()
     med = lambda key: round(statistics.median(r[key] for r in rows), 3)  # noqa: E731
     out = {"study": study.name, "instances_per_round": n, "bytes_per_round": size, "rounds": rows,
-           "note": "storescu (DCMTK defaults) sends; storescp with +B (bit-preserving), no fsync, once as DCMTK "
-                   "ships it and once with TCP_NODELAY=1 (Nagle off); the node writes each instance with fsync "
-                   "of file and folder and an SQLite commit (synchronous=FULL) before the success status"}
-    for name in ["node"] + [v for v, _ in SCP_VARIANTS]:
+           "receivers": list(nodes) + scp_names,
+           **({"baseline_tree": str(baseline_tree)} if baseline_tree is not None else {}),
+           "note": "storescu (DCMTK defaults) sends; storescp with +B (bit-preserving), as DCMTK ships it, with "
+                   "TCP_NODELAY=1 (Nagle off, like the node), and with Nagle off plus a synchronous /bin/sync "
+                   "after each instance; storescp itself never fsyncs. The node (Nagle off) writes each instance "
+                   "with fsync of file and folder and an SQLite commit (synchronous=FULL) before the success "
+                   "status; CPU ms per instance is the receiving process's user + system time (the node's main "
+                   "process; for storescp not the sync it starts)"}
+    for name in out["receivers"]:
         out[f"median_{name}_mb_per_s"] = med(f"{name}_mb_per_s")
         out[f"median_{name}_instances_per_s"] = med(f"{name}_instances_per_s")
-    for name, _ in SCP_VARIANTS:
-        out[f"median_ratio_over_{name}"] = med(f"ratio_node_over_{name}")
+        out[f"median_{name}_cpu_ms_per_instance"] = med(f"{name}_cpu_ms_per_instance")
+    for node_name in nodes:
+        prefix = "median_ratio" if node_name == "node" else f"median_ratio_{node_name}"
+        for name in scp_names:
+            out[f"{prefix}_over_{name}"] = med(f"ratio_{node_name}_over_{name}")
+    if baseline_tree is not None:
+        for r in rows:
+            r["ratio_node_over_node_baseline"] = round(r["node_mb_per_s"] / r["node_baseline_mb_per_s"], 3)
+        out["median_ratio_node_over_node_baseline"] = med("ratio_node_over_node_baseline")
     out["median_ratio"] = out["median_ratio_over_storescp_nodelay"]  # the fair reference
     return out

@@ -1,8 +1,9 @@
 """Each optimisation against the code it replaced, on the same data, alternating (suite ``parts``).
 
 The replaced code is still in the tree as the reference each optimisation is tested against
-(``tests/test_benchmarks_equivalence.py``): ``Invertd`` with ``torch.argmax``,
-``postprocess_labels``, scipy's hole filling, highdicom's SR constructor on the complete content.
+(``tests/test_benchmarks_equivalence.py``): ``Invertd`` with ``torch.argmax``, the whole-volume
+label clean-up (:func:`reference_clean_labels`, here), scipy's hole filling, highdicom's SR
+constructor on the complete content.
 Both run on the same input, A B A B ..., and the result
 says whether they agree (they must) and the median of each and of the per-round ratios.
 """
@@ -21,6 +22,28 @@ from scipy import ndimage as ndi
 from benchmarks.data import BenchStudy
 from benchmarks.inference import load_volumes
 from benchmarks.machine import load_average
+
+
+def reference_clean_labels(labels: np.ndarray, largest_component_3d: bool = True,
+                           fill_holes: bool = True) -> np.ndarray:
+    """The label clean-up as it was before the bounding-box version
+    (:func:`paraspinal.postprocess.clean_labels`): each label on the whole volume. Kept only as
+    the reference that version is compared with; the application does not use it."""
+    from paraspinal.postprocess import fill_holes_per_slice, largest_component
+
+    if not (largest_component_3d or fill_holes):
+        return labels.copy()
+    out = np.zeros_like(labels)
+    for value in np.unique(labels):
+        if value == 0:
+            continue
+        mask = labels == value
+        if largest_component_3d:
+            mask = largest_component(mask)
+        if fill_holes:
+            mask = fill_holes_per_slice(mask) & ((labels == 0) | (labels == value))
+        out[mask & (out == 0)] = value
+    return out
 
 
 def _ab(reference, optimised, rounds: int, same) -> dict:
@@ -67,16 +90,17 @@ def run_parts(study: BenchStudy, model: Path, rounds: int, log=print) -> dict:
                                         rounds, np.array_equal)
     log(f"  inverse + arg-max: {results['inverse_and_argmax']}")
     labels = segmentation.labels_on_source_grid(probs, model_input)
-    results["postprocess_in_boxes"] = _ab(lambda: postprocess_labels(labels, bundle.postprocessing),
-                                          lambda: segmentation._postprocess_in_boxes(labels, bundle.postprocessing),
-                                          rounds, np.array_equal)
+    spec = bundle.postprocessing
+    results["postprocess_in_boxes"] = _ab(
+        lambda: reference_clean_labels(labels, spec.largest_component_3d, spec.fill_holes),
+        lambda: postprocess_labels(labels, spec), rounds, np.array_equal)
     log(f"  post-processing: {results['postprocess_in_boxes']}")
     closed = [ndi.binary_closing(s > 0.5 * (otsu_threshold(s.ravel()) or 0), iterations=3) for s in volume.pixels]
     results["fill_holes_per_body_mask"] = _ab(lambda: [ndi.binary_fill_holes(m) for m in closed],
                                               lambda: [fill_holes(m) for m in closed], rounds,
                                               lambda a, b: all(np.array_equal(x, y) for x, y in zip(a, b)))
     log(f"  fill holes: {results['fill_holes_per_body_mask']}")
-    post = segmentation._postprocess_in_boxes(labels, bundle.postprocessing)
+    post = postprocess_labels(labels, bundle.postprocessing)
     measures = measure_stack(volume, post, bundle.labels, config.quantification.fat_method,
                              config.quantification.min_muscle_voxels, bias_correction="none")
     seg = dicom_outputs.build_segmentation(volume, post, bundle, config.output)

@@ -55,8 +55,11 @@ def target_rows(results: dict) -> list[dict]:
             if value is not None:
                 note = (f"node {ingest['median_node_mb_per_s']} MB/s vs storescp with Nagle off "
                         f"{ingest['median_storescp_nodelay_mb_per_s']} MB/s (as shipped: "
-                        f"{ingest['median_storescp_mb_per_s']} MB/s, ratio {ingest['median_ratio_over_storescp']}); "
-                        f"{ingest['instances_per_round']} instances x {len(ingest['rounds'])} rounds")
+                        f"{ingest['median_storescp_mb_per_s']} MB/s, ratio {ingest['median_ratio_over_storescp']}"
+                        + (f"; with a sync per instance: {ingest['median_storescp_nodelay_sync_mb_per_s']} MB/s, "
+                           f"ratio {ingest['median_ratio_over_storescp_nodelay_sync']}"
+                           if "median_ratio_over_storescp_nodelay_sync" in ingest else "")
+                        + f"); {ingest['instances_per_round']} instances x {len(ingest['rounds'])} rounds")
         elif key == "peak_rss":
             values = [e["median"].get("peak_rss_mib") for e in results.get("e2e", []) if e.get("median")]
             values = [v for v in values if v is not None]
@@ -163,17 +166,35 @@ def to_markdown(results: dict) -> str:
         lines += ["", f"## Ingest: node vs DCMTK storescp ({ingest['study']}, {ingest['instances_per_round']} "
                       f"instances, "
                       f"{ingest['bytes_per_round'] / 1e6:.1f} MB per round, same storescu, receivers in turn)", ""]
-        names = ["node", "storescp", "storescp_nodelay"]
+        # Older result files have no "receivers" (node, storescp, storescp_nodelay only).
+        names = ingest.get("receivers") or ["node", "storescp", "storescp_nodelay"]
+        scps = [n for n in names if n.startswith("storescp")]
+        nodes = [n for n in names if not n.startswith("storescp")]
+        ratio_cols = [(f"node / {scp}", f"ratio_node_over_{scp}") for scp in scps]
+        ratio_cols += [(f"{node} / storescp_nodelay", f"ratio_{node}_over_storescp_nodelay")
+                       for node in nodes if node != "node"]
+        if "node_baseline" in nodes:
+            ratio_cols.append(("node / node_baseline", "ratio_node_over_node_baseline"))
+
+        def median_ratio(key: str) -> object:
+            if key == "ratio_node_over_node_baseline":
+                return ingest.get("median_ratio_node_over_node_baseline", "")
+            node, scp = key[len("ratio_"):].split("_over_")
+            return ingest.get(f"median_ratio_over_{scp}" if node == "node" else f"median_ratio_{node}_over_{scp}", "")
+
         lines += _table(["round", "order"] + [f"{n} MB/s (inst/s)" for n in names]
-                        + ["node / storescp", "node / storescp Nagle off", "load 1 min"],
+                        + [label for label, _ in ratio_cols] + ["load 1 min"],
                         [[r["round"], " > ".join(r["order"])]
                          + [f"{r[f'{n}_mb_per_s']} ({r[f'{n}_instances_per_s']})" for n in names]
-                         + [r["ratio_node_over_storescp"], r["ratio_node_over_storescp_nodelay"],
-                            r["load_average_before"][0]] for r in ingest["rounds"]]
+                         + [r.get(key, "") for _, key in ratio_cols]
+                         + [r["load_average_before"][0]] for r in ingest["rounds"]]
                         + [["**median**", ""]
                            + [f"{ingest[f'median_{n}_mb_per_s']} ({ingest[f'median_{n}_instances_per_s']})"
                               for n in names]
-                           + [ingest["median_ratio_over_storescp"], ingest["median_ratio_over_storescp_nodelay"], ""]])
+                           + [median_ratio(key) for _, key in ratio_cols] + [""]])
+        if all(f"median_{n}_cpu_ms_per_instance" in ingest for n in names):
+            lines.append("\nCPU ms per instance (median): " + ", ".join(
+                f"{n} {ingest[f'median_{n}_cpu_ms_per_instance']}" for n in names) + ".")
         lines.append(f"\n{ingest['note']}. The target is judged against storescp with Nagle off.")
     elif ingest:
         lines += ["", f"## Ingest: {ingest['skipped']}"]

@@ -8,6 +8,7 @@ the code timed here is the code the node runs; only the graph plumbing is left o
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import statistics
 import time
@@ -26,9 +27,11 @@ STAGES = ("index", "select", "load", "preprocess", "inference", "quantification"
 def _stand_in(cls, **attrs) -> SimpleNamespace:
     """An object that runs ``cls``'s methods with ``attrs`` as its attributes."""
     self = SimpleNamespace(_logger=logging.getLogger(f"benchmarks.{cls.__name__}"), **attrs)
-    for name in ("build", "_pdff"):
-        if hasattr(cls, name):
-            setattr(self, name, functools.partial(getattr(cls, name), self))
+    # The operator's own helper methods (e.g. QuantificationOperator._pdff, _levels), bound to
+    # the stand-in; not the Holoscan plumbing it inherits.
+    for name, value in vars(cls).items():
+        if inspect.isfunction(value) and name not in ("__init__", "setup", "compute", "process"):
+            setattr(self, name, functools.partial(value, self))
     return self
 
 

@@ -12,8 +12,8 @@ exactly the labels of the straightforward code it replaces (``tests/test_benchma
   once in float64 (about 1.4 GB for 512 x 512 x 50) before the arg-max; here the same resampling
   grid is applied class by class, only where a label other than background is possible, and the
   arg-max is kept as it goes;
-* the post-processing runs on each label's bounding box (:func:`_postprocess_in_boxes`), not on
-  the whole volume once per label;
+* the post-processing (:func:`paraspinal.postprocess.clean_labels`, shared with training and
+  evaluation) runs on each label's bounding box, not on the whole volume once per label;
 * where ``Invertd`` is still used, the arg-max runs class by class (:func:`_argmax_channels`),
   not as one strided reduction over a (C, I, J, K) tensor.
 """
@@ -30,8 +30,8 @@ from monai.inferers import SlidingWindowInferer
 from monai.transforms import Compose, Invertd
 from scipy import ndimage
 
-from paraspinal.model_bundle import ModelBundle, PostprocessingSpec
-from paraspinal.postprocess import fill_holes_per_slice, largest_component
+from paraspinal.model_bundle import ModelBundle
+from paraspinal.postprocess import postprocess_labels
 from paraspinal.preprocessing import as_metatensor, lps_affine_to_ras, model_space_transforms
 from paraspinal.stacks import StackVolume
 
@@ -241,39 +241,9 @@ def _foreground_candidates(probs: torch.Tensor, grid: torch.Tensor, padding_mode
     return out
 
 
-def _postprocess_in_boxes(labels: np.ndarray, spec: PostprocessingSpec) -> np.ndarray:
-    """:func:`paraspinal.postprocess.postprocess_labels` (``clean_labels``), each label worked on
-    inside its bounding box with the same primitives (``largest_component``, ``fill_holes_per_slice``).
-
-    Identical result: a label's connected components lie inside its box (and raster order, which
-    breaks ties between equal components, is kept within it); for hole filling the box is widened
-    by one background pixel in-plane, so background outside the box reaches the crop's border as it
-    reaches the image's border in the full slice.
-    """
-    if not (spec.largest_component_3d or spec.fill_holes):
-        return labels.copy()
-    out = np.zeros_like(labels)
-    boxes = ndimage.find_objects(labels)
-    for index, box in enumerate(boxes):
-        if box is None:
-            continue
-        value = index + 1
-        box = (box[0],) + tuple(slice(max(0, b.start - 1), min(n, b.stop + 1))
-                                for b, n in zip(box[1:], labels.shape[1:]))
-        sub = labels[box]
-        mask = sub == value
-        if spec.largest_component_3d:
-            mask = largest_component(mask)
-        if spec.fill_holes:
-            mask = fill_holes_per_slice(mask) & ((sub == 0) | (sub == value))
-        target = out[box]
-        target[mask & (target == 0)] = value
-    return out
-
-
 def segment_stack(stack: StackVolume, bundle: ModelBundle, model_input: ModelInput | None = None) -> np.ndarray:
     """Labels of one stack on its source grid, (slice, row, col), post-processed as the bundle says."""
     model_input = model_input or to_model_space(stack, bundle)
     probs = infer_probabilities(model_input, bundle)
     labels = labels_on_source_grid(probs, model_input)
-    return _postprocess_in_boxes(labels, bundle.postprocessing)
+    return postprocess_labels(labels, bundle.postprocessing)

@@ -1,7 +1,7 @@
 """The speed-ups measured in ``benchmarks/`` give exactly what the code they replace gave.
 
 Each optimised function is compared with the straightforward reference it replaces (MONAI's
-``Invertd`` with ``torch.argmax``, ``postprocess_labels``, scipy's hole filling, highdicom's SR
+``Invertd`` with ``torch.argmax``, the whole-volume label clean-up, scipy's hole filling, highdicom's SR
 constructor on the complete content): bit for bit, on small inputs, including the edge cases
 (ties, holes at the border, flipped, oblique and non-square geometry).
 No timing is asserted anywhere.
@@ -22,7 +22,8 @@ from scipy import ndimage as ndi
 from paraspinal import dicom_outputs, segmentation
 from paraspinal.fat_methods import body_mask, fill_holes, otsu_threshold
 from paraspinal.model_bundle import PostprocessingSpec, PreprocessingSpec
-from paraspinal.postprocess import postprocess_labels
+from benchmarks.parts import reference_clean_labels
+from paraspinal.postprocess import clean_labels, postprocess_labels
 
 SPEC = PreprocessingSpec(orientation="RAS", pixdim_mm=(1.0, 1.0), intensity="zscore_nonzero", roi_size=(32, 32),
                          overlap=0.25, blend_mode="gaussian", sw_batch_size=4)
@@ -51,12 +52,31 @@ def _random_labels(rng, shape, n_labels=5):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_postprocess_in_boxes_equals_postprocess_labels(seed):
+def test_clean_labels_in_boxes_equals_whole_volume(seed):
     rng = np.random.default_rng(seed)
     labels = _random_labels(rng, (6, 40, 37))
     for spec in (PostprocessingSpec(True, True), PostprocessingSpec(True, False), PostprocessingSpec(False, True),
                  PostprocessingSpec(False, False)):
-        assert np.array_equal(segmentation._postprocess_in_boxes(labels, spec), postprocess_labels(labels, spec))
+        expected = reference_clean_labels(labels, spec.largest_component_3d, spec.fill_holes)
+        assert np.array_equal(postprocess_labels(labels, spec), expected)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.int64, np.uint64])
+def test_clean_labels_in_boxes_equals_whole_volume_for_other_label_types(dtype):
+    """Training and evaluation pass int64 (and other) label volumes; negative or large values take
+    the ``np.unique`` path, which must agree too."""
+    rng = np.random.default_rng(11)
+    base = _random_labels(rng, (5, 30, 28)).astype(dtype)
+    variants = [base, base * 3]
+    if np.dtype(dtype).kind == "i":
+        variants.append(np.where(base == 2, -2, base).astype(dtype))  # a negative label
+    if np.dtype(dtype).itemsize >= 2:
+        variants.append(np.where(base == 4, 5000, base).astype(dtype))  # beyond the find_objects limit
+    for labels in variants + [np.zeros((3, 4, 5), dtype), np.zeros((0, 4, 5), dtype)]:
+        for flags in ((True, True), (True, False), (False, True)):
+            out = clean_labels(labels, *flags)
+            assert out.dtype == labels.dtype
+            assert np.array_equal(out, reference_clean_labels(labels, *flags))
 
 
 def test_fill_holes_equals_scipy():

@@ -7,6 +7,7 @@ DCMTK ``echoscu``/``storescu``/``storescp`` are the real peers.
 from __future__ import annotations
 
 import dataclasses
+import socket
 import subprocess
 import threading
 import time
@@ -342,6 +343,52 @@ def _mr_dataset(study_uid: str, series_uid: str, sop_uid: str) -> Dataset:
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     return ds
+
+
+def _store_one(port: int) -> tuple[int, str]:
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+    study = generate_uid()
+    assoc = ae.associate(HOST, port, ae_title="PARASPINAL")
+    assert assoc.is_established
+    try:
+        rsp = assoc.send_c_store(_mr_dataset(study, generate_uid(), generate_uid()))
+    finally:
+        assoc.release()
+    return int(rsp.Status), study
+
+
+def test_write_failure_answers_out_of_resources_and_leaves_no_file(listener, monkeypatch):
+    def failing_fsync(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spool_module.os, "fsync", failing_fsync)
+    status, _ = _store_one(listener.port)
+    monkeypatch.undo()
+    assert status == 0xA700
+    assert [p for p in listener.spool.root.rglob("*") if p.is_file()] == []  # no instance, no temp file
+
+
+def test_accepted_sockets_have_nagle_off(listener):
+    """The C-STORE response is a small write that must not wait for the peer's delayed ACK."""
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate(HOST, listener.port, ae_title="PARASPINAL")
+    try:
+        assert assoc.is_established
+        deadline = time.time() + 5
+        while not listener._server.active_associations and time.time() < deadline:
+            time.sleep(0.01)
+        (server_side,) = listener._server.active_associations
+        sock = server_side.dul.socket.socket
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()
+    deadline = time.time() + 5
+    while listener._server.active_associations and time.time() < deadline:
+        time.sleep(0.01)
+    assert not listener._server.active_associations  # released: both threads ended
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI", "ignore:The value length")

@@ -67,6 +67,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from app.config import AllowedPeer, NodeSettings
 from app.node.audit import AuditLog, utc_iso
 from app.node.logs import log_event, uid_hash
+from app.node.net import PeerCertificate, certificate_binding_refusal
 from app.node.spool import InvalidUID, Spool, validate_uid
 from app.node.state import InstanceArrival, StateStore
 
@@ -396,6 +397,9 @@ class _NodeServer(ThreadedAssociationServer):
 
     def get_request(self):
         client_socket, address = self.socket.accept()
+        # Nagle off: pynetdicom writes each PDU with one send(), and a small PDU written while an
+        # earlier one is still unacknowledged would wait for the peer's delayed ACK (~40 ms).
+        client_socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.ssl_context:
             client_socket = self.ssl_context.wrap_socket(client_socket, server_side=True,
                                                          do_handshake_on_connect=False)
@@ -544,6 +548,11 @@ class Listener:
         if not self.policy.allows(calling_ae, assoc.requestor.address):
             # rejected-permanent, DUL service-user, calling AE title not recognised
             self._reject(assoc, calling_ae, "calling peer not in allowed_peers", (0x01, 0x01, 0x03))
+        elif self.settings.tls_enabled:  # an AE title bound to a client certificate (net.py)
+            refusal = certificate_binding_refusal(self.settings.allowed_peers, calling_ae,
+                                                  PeerCertificate.of(assoc.dul.socket.socket))
+            if refusal:
+                self._reject(assoc, calling_ae, refusal, (0x01, 0x01, 0x03))
 
     def _reject(self, assoc, calling_ae: str, reason: str, result_source_reason: tuple[int, int, int]) -> None:
         address = assoc.requestor.address
