@@ -200,6 +200,15 @@ def segment_level(segment) -> tuple[SpineLevel | None, str]:
     return None, ""
 
 
+def labels_spine_levels(dataset) -> bool:
+    """Whether a SEG data set (header suffices) has at least one vertebra or disc segment, i.e.
+    can be a level source; this node's own muscle SEG cannot. Never raises."""
+    try:
+        return any(segment_level(segment)[0] is not None for segment in dataset.get("SegmentSequence", []) or [])
+    except Exception:  # a malformed header is no level source
+        return False
+
+
 @dataclass
 class LabelledStructure:
     """The voxels of one labelled vertebra or disc, in patient space."""

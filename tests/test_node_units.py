@@ -472,3 +472,52 @@ def test_sender_delivers_to_storescp_and_dead_letters_an_unreachable_peer(tmp_pa
         state.close()
     finally:
         pacs.stop()
+
+
+def _muscle_seg_copy(level_seg_path: Path, out: Path) -> Path:
+    """The level SEG turned into a SEG without vertebra/disc segments (as this node's own muscle
+    SEG is): same study, new series and instance UIDs, segments coded as multifidus."""
+    ds = pydicom.dcmread(level_seg_path)
+    ds.SeriesInstanceUID, ds.SOPInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for segment in ds.SegmentSequence:
+        segment.SegmentLabel = "multifidus right"
+        code = segment.SegmentedPropertyTypeCodeSequence[0]
+        code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "5709001", "SCT", "Multifidus muscles"
+        for key in ("AnatomicRegionSequence",):
+            if key in segment:
+                del segment[key]
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+@pytest.mark.skipif(not tool_available("storescu"), reason="DCMTK storescu not installed")
+def test_a_level_seg_is_accepted_and_reanalyses_but_a_routed_back_muscle_seg_never_does(listener, tmp_path):
+    """A PACS may send the study's spine-label SEG (the lumbar level source) before or after the
+    images, and may route the node's own muscle SEG back: both are stored (acknowledged means on
+    disk), only the level source sends an analysed study back for another analysis (no loop)."""
+    study = make_synthetic_study(tmp_path / "study", seed=5, rows=64, cols=64, n_slices=6,
+                                 include_distractors=False, level_seg=True)
+    level_seg = study.level_segs[0].seg_path
+    own_like = _muscle_seg_copy(level_seg, tmp_path / "muscle_seg.dcm")
+    state = listener.state
+
+    def send(*paths: Path) -> None:
+        # -R: propose only the files' own SOP classes (storescu's default list lacks Segmentation)
+        run = subprocess.run(["storescu", "-R", "-aet", "STORESCU", "-aec", "PARASPINAL", HOST, str(listener.port),
+                              *map(str, paths)], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+
+    send(*study.stacks[0].paths)
+    state.mark_ready(0.0, now=time.time() + 1)
+    claim = state.claim_next()
+    state.finish(claim, True, "done", "ok")
+    assert state.study(study.study_uid)["status"] == "done"
+
+    send(own_like)
+    assert len(list(listener.spool.root.rglob("*.dcm"))) == len(study.stacks[0].paths) + 1
+    assert state.study(study.study_uid)["status"] == "done"  # kept, not analysed again
+
+    send(level_seg)
+    assert len(list(listener.spool.root.rglob("*.dcm"))) == len(study.stacks[0].paths) + 2
+    assert state.study(study.study_uid)["status"] == "receiving"  # analysed again, now with levels

@@ -1,4 +1,4 @@
-"""The listener: a pynetdicom Storage SCP (MR, Enhanced MR) and Verification SCP.
+"""The listener: a pynetdicom Storage SCP (MR, Enhanced MR, Segmentation) and Verification SCP.
 
 Each handler does one thing and returns a status:
 
@@ -57,6 +57,7 @@ from pydicom.uid import (
     JPEGLSLossless,
     JPEGLSNearLossless,
     MRImageStorage,
+    SegmentationStorage,
     RLELossless,
 )
 from pynetdicom import AE, evt
@@ -70,10 +71,13 @@ from app.node.logs import log_event, uid_hash
 from app.node.net import PeerCertificate, certificate_binding_refusal
 from app.node.spool import InvalidUID, Spool, validate_uid
 from app.node.state import InstanceArrival, StateStore
+from paraspinal.levels import labels_spine_levels
 
 log = logging.getLogger(__name__)
 
-STORAGE_SOP_CLASSES = (MRImageStorage, EnhancedMRImageStorage)
+#: MR images, and Segmentation for a SEG that labels the lumbar vertebrae/discs on the images'
+#: frame of reference (the lumbar level source, ``paraspinal.levels``).
+STORAGE_SOP_CLASSES = (MRImageStorage, EnhancedMRImageStorage, SegmentationStorage)
 
 #: Transfer syntaxes accepted for storage, in order of preference.
 ACCEPTED_TRANSFER_SYNTAXES = (
@@ -654,11 +658,15 @@ class Listener:
                                 f"spool write failed: {type(exc).__name__}: {exc.strerror or exc}",
                                 study_uid, sop_uid, logging.ERROR)
         transfer_syntax = str(event.context.transfer_syntax)
+        sop_class = str(request.AffectedSOPClassUID)
+        # A SEG matters only as a lumbar level source; any other (the node's own muscle SEG that a
+        # PACS routed back) is kept but must not make the study be analysed again: no loop.
+        triggers = sop_class != SegmentationStorage or labels_spine_levels(found.dataset)
         try:
             study_status = self.state.record_instance(InstanceArrival(
                 study_uid=study_uid, series_uid=series_uid, sop_instance_uid=sop_uid,
-                sop_class_uid=str(request.AffectedSOPClassUID), transfer_syntax=transfer_syntax,
-                size=stored.size, outcome=stored.outcome, calling_ae=calling_ae))
+                sop_class_uid=sop_class, transfer_syntax=transfer_syntax,
+                size=stored.size, outcome=stored.outcome, calling_ae=calling_ae, triggers_analysis=triggers))
         except sqlite3.Error as exc:
             # Unrecorded, the instance would never be analysed. Take a new file back out so
             # that the peer's re-send counts as new again, and report failure so it re-sends.
@@ -670,5 +678,5 @@ class Listener:
             record.count(study_uid, "duplicate" if stored.outcome == "duplicate" else "stored")
         log_event(log, logging.INFO, "instance_stored", calling_ae=calling_ae, study=study_uid, series=series_uid,
                   sop=sop_uid, transfer_syntax=transfer_syntax, bytes=stored.size, outcome=stored.outcome,
-                  study_status=study_status)
+                  study_status=study_status, **({} if triggers else {"analysis": "not_triggered"}))
         return STATUS_SUCCESS

@@ -121,6 +121,10 @@ class InstanceArrival:
     size: int
     outcome: str  # spool outcome: new | changed | duplicate
     calling_ae: str
+    #: False for an object that cannot change the analysis (a SEG without vertebra/disc labels,
+    #: e.g. the node's own result routed back by a PACS): stored and recorded, but it neither
+    #: restarts the quiet period nor sends an analysed study back to be analysed again.
+    triggers_analysis: bool = True
 
 
 def destination_key(ae_title: str, host: str, port: int) -> str:
@@ -202,7 +206,7 @@ class StateStore:
                     " VALUES (?, 'receiving', ?, ?, 1, ?)", (a.study_uid, now, now, a.calling_ae))
                 return "receiving"
             status = row["status"]
-            counts = a.outcome != "duplicate" or status in ("receiving", "queued", "failed")
+            counts = a.triggers_analysis and (a.outcome != "duplicate" or status in ("receiving", "queued", "failed"))
             if not counts:
                 return status
             # While a worker holds the study it stays "processing"; the job sees the moved
