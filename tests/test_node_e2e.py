@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+import highdicom as hd
 import pydicom
 import pytest
 
@@ -54,11 +55,12 @@ pytestmark = [
 ]
 
 
-def _study(root: Path, seed: int, distractors: bool = True):
+def _study(root: Path, seed: int, distractors: bool = True, level_seg: bool = False):
     """A small lumbar study: axial T2 (8 slices, 2 mm pixels) plus, by default, localizer,
-    sagittal T2 and axial T1 distractors."""
+    sagittal T2 and axial T1 distractors; with ``level_seg`` also a labelled spine SEG (the
+    lumbar level source) over a sagittal series."""
     return make_synthetic_study(root, seed=seed, rows=128, cols=128, pixel_spacing=(1.875, 1.875), n_slices=8,
-                                include_distractors=distractors)
+                                include_distractors=distractors, level_seg=level_seg)
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +124,11 @@ def _received(pacs, study_uid: str) -> dict[str, list[Path]]:
 
 
 def test_storescu_study_comes_back_to_storescp_as_valid_seg_and_sr(peers, tmp_path):
-    study = _study(tmp_path / "study", seed=21)
-    run = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "PARASPINAL", HOST, str(peers["node"].port),
+    """The whole study over C-STORE, its spine-label SEG included (storescu -R proposes the
+    files' own SOP classes, Segmentation among them): valid SEG and SR come back, the SR with
+    measurements per lumbar level."""
+    study = _study(tmp_path / "study", seed=21, level_seg=True)
+    run = subprocess.run(["storescu", "-R", "-aet", "STORESCU", "-aec", "PARASPINAL", HOST, str(peers["node"].port),
                           "+sd", "+r", str(study.root)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     row = _wait_delivered(peers["node"], study.study_uid)
@@ -137,6 +142,9 @@ def test_storescu_study_comes_back_to_storescp_as_valid_seg_and_sr(peers, tmp_pa
     seg = pydicom.dcmread(received[SEG_STORAGE][0], stop_before_pixels=True)
     referenced = {item.SeriesInstanceUID for item in seg.ReferencedSeriesSequence}
     assert referenced == {study.t2_series_uid}  # the axial T2, not a distractor
+    groups = hd.sr.srread(received[COMPREHENSIVE_3D_SR][0]).content.get_volumetric_roi_measurement_groups()
+    level_groups = [str(g.tracking_identifier) for g in groups if " level " in str(g.tracking_identifier)]
+    assert level_groups, [str(g.tracking_identifier) for g in groups]
 
     status = subprocess.run([sys.executable, "-m", "app", "--config", str(peers["node"].workdir / "node.yaml"),
                              "status"], capture_output=True, text=True, timeout=60, cwd=PROJECT_ROOT)
