@@ -382,9 +382,10 @@ def _key_image_pages(pdf, stacks: list[ReportStack], labels: tuple[LabelInfo, ..
         by_level = _levels_determined(stacks)
         fig.text(0.05, 0.962, "Key images: segmentation on the T2, one slice per "
                  + ("lumbar level" if by_level else "band of ~30 mm"), fontsize=11, weight="bold")
-        fig.text(0.05, 0.945, "Radiological view: patient's right on the image's left, anterior up. Left: whole "
+        fig.text(0.05, 0.953, "Radiological view: patient's right on the image's left, anterior up. Left: whole "
                  "section; right: zoom, outlines only (fat stays visible)."
-                 + (" Slices without a level: one per band of ~30 mm." if by_level else ""), fontsize=7.5)
+                 + ("\nSlices without a level: one per band of ~30 mm." if by_level else ""), fontsize=7.5,
+                 va="top")
         for j, (s, key, band, z, levels, title) in enumerate(panels[start:start + BANDS_PER_PAGE]):
             top = 0.915 - j * 0.29
             image = s.volume.pixels[key].astype(np.float64)
