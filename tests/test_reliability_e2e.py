@@ -11,7 +11,7 @@ analysis reached the archive, and the archive holds exactly one result set (no o
 outside it; a resend after a crash may repeat an object, with the same SOP Instance UID and
 the same bytes: a re-sent instance, not a second set).
 
-The counts here are small to keep ``make test`` short (3 studies under load, one crash
+The counts here are small to keep ``make test`` short (5 studies under load, one crash
 cycle); ``make soak`` runs the same scenarios at length.
 
 Needs the model bundle (models/paraspinal_t2ax or $PARASPINAL_TEST_MODEL); skipped without.
@@ -64,12 +64,12 @@ def _check(accounts, allow_resent_duplicates: bool = False) -> None:
             assert a.duplicates == 0 and a.receptions == a.outputs, table
 
 
-def test_load_eight_associations_three_studies_of_thirty_plus_instances(tmp_path):
-    """3 studies x 32 instances, each study split over 8 concurrent associations (all 8 open
-    before any sends, so every association carries instances of every study); 2 workers.
-    (``make soak``: 20 studies.)"""
-    run = load_run(tmp_path, MODEL, n_studies=3, seed=100, quiet_period_s=1.5, timeout_s=STUDY_TIMEOUT_S)
-    assert sum(1 for s in run.statuses.values() if s == 0) == len(run.statuses) == 96
+def test_load_eight_associations_five_studies_of_thirty_plus_instances(tmp_path):
+    """5 studies x 32 instances (the guarantee's minimum), each study split over 8 concurrent
+    associations (all 8 open before any sends, so every association carries instances of every
+    study); 2 workers. (``make soak``: 20 studies.)"""
+    run = load_run(tmp_path, MODEL, n_studies=5, seed=100, quiet_period_s=1.5, timeout_s=STUDY_TIMEOUT_S)
+    assert sum(1 for s in run.statuses.values() if s == 0) == len(run.statuses) == 160
     print("\n" + format_accounts(run.accounts))
     _check(run.accounts)
     assert run.overlap == 8
