@@ -463,16 +463,7 @@ def _level_table_pages(pdf, stacks: list[ReportStack], page: int, total: int, ge
                         text += f" [{lm.pdff_pct:.1f}]"
                     row.append(text)
                 cells.append(row)
-            ax = fig.add_axes([0.03, 0.08, 0.94, 0.80])
-            ax.axis("off")
-            table = ax.table(cellText=cells, colLabels=columns, loc="upper center", cellLoc="center")
-            table.auto_set_font_size(False)
-            table.set_fontsize(7)
-            table.scale(1.0, 1.3)
-            for (r, _c), cell in table.get_celld().items():
-                cell.set_linewidth(0.3)
-                if r == 0:
-                    cell.set_facecolor("#e8e8e8")
+            _grid_table(fig, [0.03, 0.08, 0.94, 0.80], columns, cells, row_scale=1.3)
             note = ("Levels from head to feet; a disc level (L4/L5) holds the slices through that disc, a vertebral "
                     "level (L4) the slices through that vertebral body; slices: numbers in the stack. MF multifidus, "
                     "ES erector spinae, PM psoas major, QL quadratus lumborum; R/L patient's right/left.")
@@ -482,6 +473,20 @@ def _level_table_pages(pdf, stacks: list[ReportStack], page: int, total: int, ge
             plt.close(fig)
             page += 1
     return page
+
+
+def _grid_table(fig, box: list[float], columns: list[str], cells: list[list[str]], row_scale: float) -> None:
+    """A thin-ruled 7 pt table with a grey header row in ``box`` (figure fractions)."""
+    ax = fig.add_axes(box)
+    ax.axis("off")
+    table = ax.table(cellText=cells, colLabels=columns, loc="upper center", cellLoc="center")
+    table.auto_set_font_size(False)
+    table.set_fontsize(7)
+    table.scale(1.0, row_scale)
+    for (r, _c), cell in table.get_celld().items():
+        cell.set_linewidth(0.3)
+        if r == 0:
+            cell.set_facecolor("#e8e8e8")
 
 
 def _slice_table_pages(pdf, stacks: list[ReportStack], page: int, total: int, generated: str) -> int:
@@ -511,16 +516,7 @@ def _slice_table_pages(pdf, stacks: list[ReportStack], page: int, total: int, ge
                         text += f" [{m.slice_pdff_pct[k]:.1f}]"
                     row.append(text)
                 cells.append(row)
-            ax = fig.add_axes([0.03, 0.08, 0.94, 0.82])
-            ax.axis("off")
-            table = ax.table(cellText=cells, colLabels=columns, loc="upper center", cellLoc="center")
-            table.auto_set_font_size(False)
-            table.set_fontsize(7)
-            table.scale(1.0, 1.1)
-            for (r, _c), cell in table.get_celld().items():
-                cell.set_linewidth(0.3)
-                if r == 0:
-                    cell.set_facecolor("#e8e8e8")
+            _grid_table(fig, [0.03, 0.08, 0.94, 0.82], columns, cells, row_scale=1.1)
             fig.text(0.04, 0.06, "Abbreviations: MF multifidus, ES erector spinae, PM psoas major, QL quadratus "
                      "lumborum; R/L patient's right/left. Slices ordered from head to feet.", fontsize=7)
             _footer(fig, page, total, generated)
