@@ -337,25 +337,36 @@ def _measurement_group(seg: SegmentationResult, stack: StackVolume, m: MuscleMea
 
 
 def _level_group(seg: SegmentationResult, stack: StackVolume, m: MuscleMeasurement, info: LabelInfo,
-                 bundle: ModelBundle, lm: LevelMeasure) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+                 bundle: ModelBundle, lm: LevelMeasure, dixon: bool = False
+                 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | None:
     """TID 1411 group of one muscle and side over the slices at one lumbar level: mean area (mm2)
     and fat fraction (%) by the T2 method over those slices; finding sites the muscle (with its
     laterality) and the level; the reference is the muscle's SEG segment with the source images
-    of that level's slices."""
+    of that level's slices. ``dixon=True``: the Dixon PDFF (%) over those slices instead, in its
+    own group "... level <L> PDFF" (method DIXONPDFF, as the stack's PDFF group); ``None`` when
+    no PDFF was measured at that level."""
     algorithm = hd.sr.AlgorithmIdentification(name=bundle.name, version=bundle.version)
-    method = fat_method_concept(m.fat_method, m.bias_correction)
-    measurements = [hd.sr.Measurement(name=AREA, value=lm.mean_csa_mm2, unit=UNIT_MM2, derivation=codes.SCT.Mean,
-                                      algorithm_id=algorithm)]
-    if lm.fat_fraction_pct is not None:
-        measurements.append(hd.sr.Measurement(name=FAT_FRACTION, value=lm.fat_fraction_pct, unit=PERCENT,
-                                              method=method, algorithm_id=algorithm))
+    if dixon:
+        if lm.pdff_pct is None:
+            return None
+        method = DIXON_PDFF_METHOD
+        measurements = [hd.sr.Measurement(name=codes.DCM.FatFraction, value=lm.pdff_pct, unit=codes.UCUM.Percent,
+                                          method=DIXON_PDFF_METHOD)]
+    else:
+        method = fat_method_concept(m.fat_method, m.bias_correction)
+        measurements = [hd.sr.Measurement(name=AREA, value=lm.mean_csa_mm2, unit=UNIT_MM2, derivation=codes.SCT.Mean,
+                                          algorithm_id=algorithm)]
+        if lm.fat_fraction_pct is not None:
+            measurements.append(hd.sr.Measurement(name=FAT_FRACTION, value=lm.fat_fraction_pct, unit=PERCENT,
+                                                  method=method, algorithm_id=algorithm))
     sources = [hd.sr.SourceImageForSegmentation(str(stack.datasets[k].SOPClassUID),
                                                 str(stack.datasets[k].SOPInstanceUID)) for k in lm.slices]
+    suffix = " PDFF" if dixon else ""
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=stable_uid(stack.series_uid, str(stack.index), bundle.weights_sha256, "level", str(info.value),
-                           lm.level),
-            identifier=f"stack {stack.index} {info.name} level {lm.level}"[:64],
+                           lm.level, *(("pdff",) if dixon else ())),
+            identifier=f"stack {stack.index} {info.name} level {lm.level}{suffix}"[:64],
         ),
         referenced_segment=hd.sr.ReferencedSegment(
             sop_class_uid=seg.dataset.SOPClassUID, sop_instance_uid=seg.dataset.SOPInstanceUID,
@@ -364,7 +375,7 @@ def _level_group(seg: SegmentationResult, stack: StackVolume, m: MuscleMeasureme
         method=method,
         finding_sites=[hd.sr.FindingSite(anatomic_location=coded(info.code), laterality=coded(info.laterality)),
                        level_site(lm.level)],
-        algorithm_id=algorithm,
+        algorithm_id=None if dixon else algorithm,
         measurements=measurements,
     )
 
@@ -400,7 +411,7 @@ def build_measurement_report(results: list[tuple[StackVolume, SegmentationResult
     * per lumbar level determined for slices holding the muscle, a volumetric group
       "stack N <muscle> <side> level <L>" with the mean CSA (mm2) and fat fraction (%) over the
       slices at that level, finding sites the muscle and the level, referencing the segment and
-      the source images of those slices;
+      the source images of those slices; where Dixon PDFF was measured there, "... level <L> PDFF";
     * with ``per_slice_groups``, per slice holding the muscle, a planar group (TID 1410)
       "stack N <muscle> <side> slice K z <z> mm" (or "level <L>" where determined) with CSA, fat
       CSA, lean CSA (mm2) and fat fraction (%), and where measured "... PDFF" with the slice PDFF.
@@ -425,7 +436,10 @@ def build_measurement_report(results: list[tuple[StackVolume, SegmentationResult
             if m.pdff_pct is not None:
                 pdff_groups.append(_dixon_group(seg, stack, m, info, bundle))
             for lm in m.level_measures:
-                level_groups.append(_level_group(seg, stack, m, info, bundle, lm))
+                for dixon in (False, True):
+                    group = _level_group(seg, stack, m, info, bundle, lm, dixon=dixon)
+                    if group is not None:
+                        level_groups.append(group)
             if per_slice_groups:
                 parts = _MuscleParts.of(m, info, bundle)
                 for k in m.present_slices:

@@ -390,3 +390,23 @@ def test_a_level_source_gives_the_sr_new_uids_while_the_same_analysis_keeps_them
     assert sr_levels.SOPInstanceUID != sr_plain.SOPInstanceUID
     assert sr_levels.SeriesInstanceUID != sr_plain.SeriesInstanceUID
     assert content_key(measured["measures"]) != content_key(without)
+
+
+def test_per_level_dixon_pdff_has_its_own_sr_group_that_passes_dciodvfy(study, measured, tmp_path):
+    """Where a level's slices have a Dixon PDFF, the SR carries it per level too, in a group of
+    its own with the Dixon method (like the stack's PDFF group)."""
+    stack, config, bundle = study["stack"], study["config"], study["bundle"]
+    seg = build_segmentation(stack, study["labels"], bundle, config.output)
+    measures = [replace(m, level_measures=[replace(lm, pdff_pct=10.0 + i)
+                                                       for i, lm in enumerate(m.level_measures)])
+                for m in measured["measures"]]
+    sr_path = tmp_path / "sr.dcm"
+    build_measurement_report([(stack, seg, measures)], bundle, config.output).save_as(sr_path, enforce_file_format=True)
+    assert dciodvfy_errors(sr_path) == []
+    groups = {g["TrackingIdentifier"]: g for g in dcmqi_read_sr(sr_path, tmp_path)["Measurements"]}
+    for m in measures:
+        for i, lm in enumerate(m.level_measures):
+            group = groups[f"stack 1 {m.name} level {lm.level} PDFF"]
+            assert group["ReferencedSegment"] == seg.segment_numbers[m.label]
+            (item,) = group["measurementItems"]
+            assert float(item["value"]) == pytest.approx(10.0 + i) and item["units"]["CodeValue"] == "%"
