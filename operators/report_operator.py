@@ -58,7 +58,8 @@ class ReportOperator(StudyStageOperator):
         bias = next((m.bias_correction for w in works for m in w.measurements if m.found), "none")
         ctx = ReportContext(model_name=self.bundle.name, model_version=self.bundle.version,
                             weights_sha256=self.bundle.weights_sha256, fat_method=self.quantification.fat_method,
-                            bias_correction=bias, software_version=SOFTWARE_VERSION)
+                            bias_correction=bias, software_version=SOFTWARE_VERSION,
+                            held_out_dice=self.bundle.held_out_dice())
         stacks = [ReportStack(w.volume, w.labels, w.measurements) for w in works]
         pdf = render_report_pdf(source, stacks, self.bundle.labels, ctx)
         key = (works[0].volume.series_uid, self.bundle.weights_sha256,

@@ -116,6 +116,30 @@ class ModelBundle:
                 return info
         raise KeyError(value)
 
+    def held_out_dice(self) -> dict[int, float]:
+        """Per label, the post-processed Dice of these weights on held-out real data, from the
+        model card's evaluation (:func:`held_out_dice`); labels never evaluated are absent."""
+        return held_out_dice(self.metadata, self.weights_sha256)
+
+
+def held_out_dice(metadata: dict[str, Any], weights_sha256: str) -> dict[int, float]:
+    """Per label value, the mean post-processed Dice over the held-out evaluation cases in
+    ``metadata["evaluation"]`` that label it, only if that evaluation was measured on exactly
+    these weights (``weights_sha256``); a label no held-out case annotates is absent, so a reader
+    can be told that its measurements have no real-data accuracy figure behind them."""
+    evaluation = metadata.get("evaluation") or {}
+    if not evaluation.get("measured") or evaluation.get("weights_sha256") != weights_sha256:
+        return {}
+    scores: dict[int, list[float]] = {}
+    for case in evaluation.get("cases") or []:
+        if not case.get("postprocessed", False):
+            continue
+        for row in case.get("rows") or []:
+            label, dice = int(row.get("label", -1)), row.get("dice")
+            if label > 0 and dice is not None:
+                scores.setdefault(label, []).append(float(dice))
+    return {label: sum(values) / len(values) for label, values in scores.items()}
+
 
 def read_metadata(bundle_dir: Path) -> dict[str, Any]:
     """Read and parse ``configs/metadata.json`` with a clear error when absent or malformed."""

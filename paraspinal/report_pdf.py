@@ -76,6 +76,8 @@ class ReportContext:
     bias_correction: str = "none"
     software_version: str = ""
     notes: list[str] = field(default_factory=list)
+    #: per label, the model's Dice on held-out real data (model card); absent: never evaluated
+    held_out_dice: dict[int, float] = field(default_factory=dict)
 
 
 def _text(ds: Dataset, keyword: str, default: str = "-") -> str:
@@ -171,15 +173,21 @@ def _footer(fig, page: int, total: int, generated: str) -> None:
              color="#555555")
 
 
-def _summary_rows(stacks: list[ReportStack]) -> list[list[str]]:
+#: The summary table's entry for a muscle the model was never evaluated on with real data.
+NOT_EVALUATED = "not evaluated"
+
+
+def _summary_rows(stacks: list[ReportStack], held_out_dice: dict[int, float]) -> list[list[str]]:
     rows = []
     for s in stacks:
         for m in s.measurements:
             if not m.found:
                 continue
+            dice = held_out_dice.get(m.label)
             rows.append([str(s.volume.index), m.muscle, SHORT_SIDE.get(m.side, m.side), _fmt(m.volume_cm3, 1),
                          _fmt(m.mean_csa_mm2 / 100.0, 2), _fmt(m.max_csa_mm2 / 100.0, 2), _fmt(m.fat_fraction_pct, 1),
-                         _fmt(m.pdff_pct, 1), m.goutallier_grade or "-", _fmt(m.asymmetry_index_pct, 1)])
+                         _fmt(m.pdff_pct, 1), m.goutallier_grade or "-", _fmt(m.asymmetry_index_pct, 1),
+                         NOT_EVALUATED if dice is None else f"{dice:.2f}"])
     return rows
 
 
@@ -273,9 +281,9 @@ def _summary_page(pdf, source: Dataset, stacks: list[ReportStack], labels: tuple
         fig.text(0.25, y, "\n".join(wrapped), fontsize=8, va="top", linespacing=1.3)
         y -= 0.0165 * len(wrapped) + 0.006
     columns = ["stack", "muscle", "side", "volume\ncm³", "mean CSA\ncm²", "max CSA\ncm²", "fat\nfraction %",
-               "Dixon\nPDFF %", "Goutallier\n(simplified)", "L/R asym.\n% (volume)"]
-    widths = [0.06, 0.18, 0.05, 0.085, 0.09, 0.09, 0.09, 0.085, 0.12, 0.10]
-    rows = _summary_rows(stacks)
+               "Dixon\nPDFF %", "Goutallier\n(simplified)", "L/R asym.\n% (volume)", "model Dice\n(held-out)"]
+    widths = [0.05, 0.16, 0.045, 0.075, 0.08, 0.08, 0.08, 0.075, 0.11, 0.09, 0.115]
+    rows = _summary_rows(stacks, ctx.held_out_dice)
     row_h = 0.021
     height = row_h * (len(rows) + 2)
     y -= 0.015
@@ -303,7 +311,9 @@ def _summary_page(pdf, source: Dataset, stacks: list[ReportStack], labels: tuple
              "signal fraction: each voxel's intensity between lean muscle and subcutaneous fat of the same slice). "
              "Dixon PDFF, where shown, is F/(W+F) inside the same muscle. Grades: simplified Goutallier "
              "(< 10 % normal/mild, 10-50 % moderate, > 50 % severe). Asymmetry index: |R - L| / mean(R, L) of "
-             "the two sides' volumes."] + list(ctx.notes)
+             "the two sides' volumes. Model Dice: the segmentation model's agreement with manual masks on held-out "
+             f"real data (model card); '{NOT_EVALUATED}': no real-data accuracy figure exists for that muscle, so its "
+             "outline and numbers need particular care."] + list(ctx.notes)
     text = "\n".join(line for note in notes for line in textwrap.wrap(note, 125))
     fig.text(0.06, 0.12, text, fontsize=6.8, va="top", linespacing=1.3)
     _footer(fig, page, total, generated)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -16,7 +17,7 @@ from dicom_validators import dciodvfy_errors
 from paraspinal.dicom_index import index_folder
 from paraspinal.dicom_outputs import stable_uid
 from paraspinal.quantification import measure_stack
-from paraspinal.report_pdf import (ENCAPSULATED_PDF_STORAGE, PdfFile, ReportContext, ReportStack,
+from paraspinal.report_pdf import (ENCAPSULATED_PDF_STORAGE, NOT_EVALUATED, PdfFile, ReportContext, ReportStack,
                                    _count_pages, encapsulated_pdf, radiological_view, render_report_pdf,
                                    slice_bands)
 from paraspinal.results_folder import write_results_folder
@@ -149,3 +150,29 @@ def test_slice_bands_cover_the_muscle_slices_in_about_30_mm_bands():
     assert len(bands) == math.ceil(112 / 30) and sorted(k for b in bands for k in b) == list(range(29))
     assert slice_bands(z[:5], [0, 1, 2, 3, 4]) == [[0, 1, 2, 3, 4]]
     assert slice_bands(z, []) == []
+
+
+def test_summary_table_gives_each_muscles_held_out_dice_or_says_not_evaluated(report, tmp_path):
+    """A reader sees, beside each muscle's numbers, how well the model segments that muscle on
+    held-out real data, and which muscles have no such figure (psoas and quadratus lumborum for
+    the shipped bundle, whose held-out case labels multifidus and erector spinae only)."""
+    import hashlib
+
+    from paraspinal.model_bundle import held_out_dice, read_metadata
+
+    bundle_dir = Path(__file__).resolve().parents[1] / "models" / "paraspinal_t2ax"
+    metadata = read_metadata(bundle_dir)
+    weights = hashlib.sha256((bundle_dir / metadata["weights"]["file"]).read_bytes()).hexdigest()
+    dice = held_out_dice(metadata, weights)
+    assert set(dice) == {1, 2, 3, 4} and all(0.0 < d < 1.0 for d in dice.values())
+    assert held_out_dice(metadata, "0" * 64) == {}  # figures of other weights never shown
+
+    ctx = ReportContext(report["bundle"].name, report["bundle"].version, report["bundle"].weights_sha256,
+                        "signal_fraction", "none", "0.1.0", held_out_dice=dice)
+    path = tmp_path / "report.pdf"
+    path.write_bytes(render_report_pdf(report["stack"].datasets[0], report["stacks"], report["bundle"].labels, ctx))
+    text = " ".join(_page_text(path, 1).split())
+    assert "model Dice" in text and "held-out" in text
+    assert f"{dice[1]:.2f}" in text and f"{dice[3]:.2f}" in text
+    found = {m.label for m in report["measures"] if m.found}
+    assert text.count(NOT_EVALUATED) >= len(found - set(dice)) >= 1
