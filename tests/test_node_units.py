@@ -181,6 +181,21 @@ def test_new_data_after_analysis_triggers_a_new_analysis(tmp_path):
     assert state.claim_next(now=9.0).attempt == 2
 
 
+def test_an_instance_on_disk_but_never_recorded_counts_as_new_when_resent(tmp_path):
+    """Killed between the spool's rename and the database commit, the node sent no response; the
+    peer re-sends, the spool finds the same bytes ("duplicate"), but for the study the instance is
+    new: an analysed study must be analysed again with it."""
+    state = StateStore(tmp_path / "s.db")
+    state.record_instance(_arrival("1.1", "1.1.1"), now=0.0)
+    state.mark_ready(1.0, now=2.0)
+    state.finish(state.claim_next(now=2.0), True, "done", "ok", now=3.0)
+    assert state.record_instance(_arrival("1.1", "1.1.2", "duplicate"), now=4.0) == "receiving"
+    # A real duplicate (recorded before) still leaves an analysed study alone.
+    state.mark_ready(1.0, now=6.0)
+    state.finish(state.claim_next(now=6.0), True, "done", "ok", now=7.0)
+    assert state.record_instance(_arrival("1.1", "1.1.2", "duplicate"), now=8.0) == "done"
+
+
 def test_instances_arriving_during_analysis_supersede_it(tmp_path):
     state = StateStore(tmp_path / "s.db")
     state.record_instance(_arrival("1.1", "1.1.1"), now=0.0)

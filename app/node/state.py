@@ -190,6 +190,10 @@ class StateStore:
         now = time.time() if now is None else now
         a = arrival
         with self._tx() as db:
+            # The spool says "duplicate" for a file already in place; if this database never
+            # recorded it, the node stopped between the file's rename and this commit (the peer
+            # got no response and re-sends): for the study it is a new instance.
+            known = db.execute("SELECT 1 FROM instances WHERE sop_instance_uid=?", (a.sop_instance_uid,)).fetchone()
             db.execute(
                 "INSERT INTO instances (sop_instance_uid, study_uid, series_uid, sop_class_uid, transfer_syntax,"
                 " size, first_received, last_received) VALUES (?,?,?,?,?,?,?,?)"
@@ -206,7 +210,8 @@ class StateStore:
                     " VALUES (?, 'receiving', ?, ?, 1, ?)", (a.study_uid, now, now, a.calling_ae))
                 return "receiving"
             status = row["status"]
-            counts = a.triggers_analysis and (a.outcome != "duplicate" or status in ("receiving", "queued", "failed"))
+            duplicate = a.outcome == "duplicate" and known is not None
+            counts = a.triggers_analysis and (not duplicate or status in ("receiving", "queued", "failed"))
             if not counts:
                 return status
             # While a worker holds the study it stays "processing"; the job sees the moved
