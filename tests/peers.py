@@ -97,12 +97,13 @@ def start_storescp(workdir: Path, ae_title: str = "PACS", port: int | None = Non
     return _started(Peer("storescp", process, ae_title, port, workdir, log_path, handle), timeout_s)
 
 
-LUA_ROUTE_MR = """-- Auto-routing: every MR series, once stable, goes to the node.
--- Only MR: the node's own results (SEG, SR) must not be routed back to it.
+LUA_ROUTE_MR = """-- Auto-routing: every MR series, once stable, goes to the node, and every SEG series (a
+-- spine-label SEG is the node's lumbar level source; the node keeps but ignores any other SEG,
+-- its own included, so the results it sends here and that come back cannot loop it). Never SR.
 -- Lua's SendToModality() sends one instance; a whole series goes through the REST API.
 function OnStableSeries(seriesId, tags, metadata)
-  if tags['Modality'] == 'MR' then
-    print('routing stable MR series ' .. seriesId .. ' to {modality}')
+  if tags['Modality'] == 'MR' or tags['Modality'] == 'SEG' then
+    print('routing stable ' .. tags['Modality'] .. ' series ' .. seriesId .. ' to {modality}')
     RestApiPost('/modalities/{modality}/store', seriesId)
   end
 end

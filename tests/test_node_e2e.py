@@ -171,9 +171,23 @@ def test_orthanc_routes_the_study_to_the_node_and_receives_the_results(peers, tm
         instance = orthanc.rest("GET", f"/instances/{series['Instances'][0]}/simplified-tags")
         assert instance["StudyInstanceUID"] == study.study_uid
         assert instance["SOPClassUID"] == (SEG_STORAGE if modality == "SEG" else COMPREHENSIVE_3D_SR)
-    # Orthanc sent only the MR series and the node answered with its results, nothing looped back.
+    # Orthanc routes SEG series too (the level source): the node's own SEG comes back. It is
+    # stored, but the study is not analysed again and nothing more is sent: no loop.
     node_study = _wait_delivered(peers["node"], study.study_uid)
-    assert node_study["instances"] == len(study.all_paths)
+    deadline = time.monotonic() + STUDY_TIMEOUT_S
+    while node_study["instances"] < len(study.all_paths) + 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        node_study = _wait_delivered(peers["node"], study.study_uid)
+    assert node_study["instances"] == len(study.all_paths) + 1, orthanc.log_text()[-2000:]
+    time.sleep(4.0)  # longer than the node's quiet period (2 s): a counted arrival would have queued it
+    state = StateStore(peers["node"].workdir / "state.sqlite3", readonly=True)
+    try:
+        after, rows = state.study(study.study_uid), state.outbox_rows(study.study_uid)
+    finally:
+        state.close()
+    assert after["status"] == "done" and after["attempts"] == 1, after
+    assert all(r["status"] == "sent" for r in rows) and len(rows) == len({(r["sop_instance_uid"], r["destination"])
+                                                                          for r in rows})
 
 
 def test_two_studies_sent_at_once_both_complete(peers, tmp_path):
