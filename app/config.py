@@ -150,8 +150,13 @@ class NodeSettings:
     log_uids: str
     analysis_timeout_s: float
     shutdown_grace_s: float
+    retention_days: float
+    retention_check_interval_s: float
 
     def __post_init__(self) -> None:
+        if self.retention_days < 0 or self.retention_check_interval_s <= 0:
+            raise ConfigError("[node] retention_days must be >= 0 (0: keep forever) and "
+                              "retention_check_interval_s > 0")
         if self.log_uids not in ("clear", "hashed"):
             raise ConfigError(f"[node] log_uids: {self.log_uids!r} is not one of clear, hashed")
         if self.tls_enabled and not (self.tls_certificate and self.tls_private_key):

@@ -536,3 +536,102 @@ def test_a_level_seg_is_accepted_and_reanalyses_but_a_routed_back_muscle_seg_nev
     send(level_seg)
     assert len(list(listener.spool.root.rglob("*.dcm"))) == len(study.stacks[0].paths) + 2
     assert state.study(study.study_uid)["status"] == "receiving"  # analysed again, now with levels
+
+
+# ---- retention -----------------------------------------------------------------------------
+
+DAY = 86400.0
+
+
+def _finished_study(state: StateStore, spool: Spool, settings, study: str, finished_at: float,
+                    outbox_status: str | None = "sent") -> None:
+    """A study with one spooled instance, analysed (done) at ``finished_at``, with a results
+    folder and, unless ``outbox_status`` is None, one output in that outbox state."""
+    spool.store(study, study + ".1", study + ".1.1", b"x" * 10)
+    state.record_instance(_arrival(study, study + ".1.1", series=study + ".1"), now=finished_at - 60)
+    state.mark_ready(1.0, now=finished_at - 30)
+    claim = state.claim_next(now=finished_at - 30)
+    results = Path(settings.results_dir) / study
+    results.mkdir(parents=True)
+    (results / "sr.dcm").write_bytes(b"sr")
+    outputs = [(results / "sr.dcm", "1.2.840.10008.5.1.4.1.1.88.34", study + ".9")] if outbox_status else []
+    state.finish(claim, True, "done", "ok", results_path=str(results), outputs=outputs,
+                 destinations=["PACS@127.0.0.1:104"] if outputs else [], now=finished_at)
+    if outbox_status and outbox_status != "pending":
+        with state._tx() as db:
+            db.execute("UPDATE outbox SET status=? WHERE study_uid=?", (outbox_status, study))
+
+
+def test_retention_forgets_finished_delivered_studies_and_keeps_what_is_still_needed(tmp_path):
+    from app.node.audit import AuditLog, read_audit
+    from app.node.retention import purge_expired
+
+    settings = _settings(tmp_path, retention_days=14.0,
+                         destinations=(PeerAddress("PACS", "127.0.0.1", 104),))
+    state, spool = StateStore(settings.state_db), Spool(settings.spool_dir)
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    now = 100 * DAY
+    _finished_study(state, spool, settings, "1.1", finished_at=now - 15 * DAY)                 # expired, delivered
+    _finished_study(state, spool, settings, "1.2", finished_at=now - 13 * DAY)                 # too recent
+    _finished_study(state, spool, settings, "1.3", finished_at=now - 30 * DAY, outbox_status="dead")
+    _finished_study(state, spool, settings, "1.4", finished_at=now - 30 * DAY, outbox_status="pending")
+
+    assert purge_expired(settings, state, spool, audit, now=now) == ["1.1"]
+    assert state.study("1.1") is None and state.outbox_rows("1.1") == []
+    assert not spool.study_dir("1.1").exists() and not (Path(settings.results_dir) / "1.1").exists()
+    for kept in ("1.2", "1.3", "1.4"):  # recent, dead letter (operator's call), still to send
+        assert state.study(kept)["status"] == "done" and spool.study_dir(kept).is_dir()
+    assert not list(Path(settings.spool_dir).glob(".purge-*"))
+    (line,) = [e for e in read_audit(tmp_path / "audit.jsonl") if e["event"] == "study_purged"]
+    assert line["study"] != "1.1" and line["status"] == "done"  # hashed, never the UID itself
+
+    # The same study arriving again later is a new study, analysed from what arrives.
+    spool.store("1.1", "1.1.1", "1.1.1.1", b"x" * 10)
+    assert state.record_instance(_arrival("1.1", "1.1.1.1", "new", series="1.1.1"), now=now + 1) == "receiving"
+    assert state.study("1.1")["instances"] == 1
+    audit.close()
+    state.close()
+
+
+def test_retention_keeps_results_without_destinations_and_zero_keeps_everything(tmp_path):
+    from app.node.retention import purge_expired
+
+    settings = _settings(tmp_path, retention_days=1.0, destinations=())
+    state, spool = StateStore(settings.state_db), Spool(settings.spool_dir)
+    now = 100 * DAY
+    _finished_study(state, spool, settings, "2.1", finished_at=now - 2 * DAY, outbox_status=None)
+    _finished_study(state, spool, settings, "2.2", finished_at=now - 2 * DAY, outbox_status=None)
+    assert purge_expired(dataclasses.replace(settings, retention_days=0.0), state, spool, now=now) == []
+    assert state.study("2.1") is not None
+    assert purge_expired(settings, state, spool, now=now) == ["2.1", "2.2"]
+    assert not spool.study_dir("2.1").exists()
+    assert (Path(settings.results_dir) / "2.1" / "sr.dcm").is_file()  # the only copy of the results
+    state.close()
+
+
+def test_retention_never_removes_an_instance_being_stored(tmp_path):
+    """While the listener holds the study's lock (file written, not yet recorded), the purge
+    waits; once the arrival is recorded the study is no longer expired and is kept."""
+    from app.node.retention import purge_expired
+
+    settings = _settings(tmp_path, retention_days=1.0, destinations=(PeerAddress("PACS", "127.0.0.1", 104),))
+    state, spool = StateStore(settings.state_db), Spool(settings.spool_dir)
+    now = 100 * DAY
+    _finished_study(state, spool, settings, "3.1", finished_at=now - 2 * DAY)
+    expired = state.expired_studies(now - DAY)
+    assert [s["study_uid"] for s in expired] == ["3.1"]
+    lock = spool.study_lock("3.1")
+    lock.acquire()
+    result: list = []
+    sweep = threading.Thread(target=lambda: result.append(purge_expired(settings, state, spool, now=now)))
+    sweep.start()
+    time.sleep(0.3)
+    assert sweep.is_alive() and spool.study_dir("3.1").is_dir()  # waiting for the lock
+    spool.store("3.1", "3.1.1", "3.1.1.2", b"y" * 10)
+    state.record_instance(_arrival("3.1", "3.1.1.2", series="3.1.1"), now=now)
+    lock.release()
+    sweep.join(timeout=10)
+    assert result == [[]]
+    assert state.study("3.1")["status"] == "receiving" and state.study("3.1")["instances"] == 2
+    assert spool.instance_path("3.1", "3.1.1", "3.1.1.2").is_file()
+    state.close()

@@ -649,31 +649,33 @@ class Listener:
             return self._refuse(record, STATUS_OUT_OF_RESOURCES, calling_ae,
                                 f"spool disk low: {free_mb:.0f} MiB free, min_free_disk_mb "
                                 f"{self.settings.min_free_disk_mb}", study_uid, sop_uid, logging.ERROR)
-        try:
-            # The bytes as received: preamble, file meta from the negotiated context, data set
-            # exactly as the peer encoded it (no decode/re-encode, so nothing can change).
-            stored = self.spool.store(study_uid, series_uid, sop_uid, event.encoded_dataset())
-        except OSError as exc:
-            return self._refuse(record, STATUS_OUT_OF_RESOURCES, calling_ae,
-                                f"spool write failed: {type(exc).__name__}: {exc.strerror or exc}",
-                                study_uid, sop_uid, logging.ERROR)
         transfer_syntax = str(event.context.transfer_syntax)
         sop_class = str(request.AffectedSOPClassUID)
         # A SEG matters only as a lumbar level source; any other (the node's own muscle SEG that a
         # PACS routed back) is kept but must not make the study be analysed again: no loop.
         triggers = sop_class != SegmentationStorage or labels_spine_levels(found.dataset)
-        try:
-            study_status = self.state.record_instance(InstanceArrival(
-                study_uid=study_uid, series_uid=series_uid, sop_instance_uid=sop_uid,
-                sop_class_uid=sop_class, transfer_syntax=transfer_syntax,
-                size=stored.size, outcome=stored.outcome, calling_ae=calling_ae, triggers_analysis=triggers))
-        except sqlite3.Error as exc:
-            # Unrecorded, the instance would never be analysed. Take a new file back out so
-            # that the peer's re-send counts as new again, and report failure so it re-sends.
-            if stored.outcome == "new":
-                Path(stored.path).unlink(missing_ok=True)
-            return self._refuse(record, STATUS_OUT_OF_RESOURCES, calling_ae, f"state database: {exc}",
-                                study_uid, sop_uid, logging.ERROR)
+        # File and record under the study's lock: retention never removes a study between the two.
+        with self.spool.study_lock(study_uid):
+            try:
+                # The bytes as received: preamble, file meta from the negotiated context, data set
+                # exactly as the peer encoded it (no decode/re-encode, so nothing can change).
+                stored = self.spool.store(study_uid, series_uid, sop_uid, event.encoded_dataset())
+            except OSError as exc:
+                return self._refuse(record, STATUS_OUT_OF_RESOURCES, calling_ae,
+                                    f"spool write failed: {type(exc).__name__}: {exc.strerror or exc}",
+                                    study_uid, sop_uid, logging.ERROR)
+            try:
+                study_status = self.state.record_instance(InstanceArrival(
+                    study_uid=study_uid, series_uid=series_uid, sop_instance_uid=sop_uid,
+                    sop_class_uid=sop_class, transfer_syntax=transfer_syntax,
+                    size=stored.size, outcome=stored.outcome, calling_ae=calling_ae, triggers_analysis=triggers))
+            except sqlite3.Error as exc:
+                # Unrecorded, the instance would never be analysed. Take a new file back out so
+                # that the peer's re-send counts as new again, and report failure so it re-sends.
+                if stored.outcome == "new":
+                    Path(stored.path).unlink(missing_ok=True)
+                return self._refuse(record, STATUS_OUT_OF_RESOURCES, calling_ae, f"state database: {exc}",
+                                    study_uid, sop_uid, logging.ERROR)
         if record is not None:
             record.count(study_uid, "duplicate" if stored.outcome == "duplicate" else "stored")
         log_event(log, logging.INFO, "instance_stored", calling_ae=calling_ae, study=study_uid, series=series_uid,

@@ -33,6 +33,7 @@ from app.node.audit import AuditLog
 from app.node.completion import CompletionTracker
 from app.node.listener import Listener
 from app.node.logs import log_event
+from app.node.retention import purge_expired
 from app.node.sender import Sender
 from app.node.spool import Spool, ensure_dir
 from app.node.state import StateStore
@@ -76,6 +77,7 @@ class NodeService:
         self._wake_scheduler = threading.Event()
         self._wake_sender = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.spool: Spool | None = None
 
     def start(self) -> None:
         """Open the state, resume earlier work, start workers, listener and loops."""
@@ -84,7 +86,7 @@ class NodeService:
             ensure_dir(Path(folder))
         self.audit = AuditLog(audit_path(s))
         self.state = StateStore(s.state_db)
-        spool = Spool(s.spool_dir)
+        spool = self.spool = Spool(s.spool_dir)
         temp_files = spool.remove_stale_temp_files()
         partial_dirs = self._remove_partial_folders()
         requeued = self.state.requeue_interrupted()
@@ -173,10 +175,14 @@ class NodeService:
     # ---- loops -----------------------------------------------------------------------------
 
     def _scheduler_loop(self, completion: CompletionTracker) -> None:
-        assert self.state is not None and self.dispatcher is not None
+        assert self.state is not None and self.dispatcher is not None and self.spool is not None
         last_beat = 0.0
+        next_retention = 0.0  # at start, then every retention_check_interval_s
         while not self._stop.is_set():
             try:
+                if time.monotonic() >= next_retention:
+                    next_retention = time.monotonic() + self.settings.retention_check_interval_s
+                    purge_expired(self.settings, self.state, self.spool, self.audit)
                 completion.promote_ready()
                 if self.dispatcher.poll():
                     self._wake_sender.set()  # finished jobs may have queued outputs

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -130,6 +131,19 @@ class Spool:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         ensure_dir(self.root)
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def study_lock(self, study_uid: str) -> threading.Lock:
+        """The lock that keeps storing-and-recording an instance of a study apart from removing
+        that study (retention), within this process; one per study, so studies never wait for
+        each other. Locks of forgotten studies are dropped by :meth:`drop_study_lock`."""
+        with self._locks_guard:
+            return self._locks.setdefault(study_uid, threading.Lock())
+
+    def drop_study_lock(self, study_uid: str) -> None:
+        with self._locks_guard:
+            self._locks.pop(study_uid, None)
 
     def study_dir(self, study_uid: str) -> Path:
         return self.root / validate_uid(study_uid, "StudyInstanceUID")

@@ -330,6 +330,33 @@ class StateStore:
             n = db.execute("SELECT COUNT(*) AS n FROM instances WHERE study_uid=?", (study_uid,)).fetchone()
         return dict(row, instances=n["n"])
 
+    # ---- retention -------------------------------------------------------------------------
+
+    def expired_studies(self, finished_before: float) -> list[dict[str, Any]]:
+        """Studies that may be forgotten: finished (done or failed) before ``finished_before``
+        (Unix time, s), nothing counted arrived since, no result still pending or dead."""
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT * FROM studies s WHERE status IN ('done', 'failed') AND finished_at IS NOT NULL"
+                " AND finished_at < ? AND last_received <= finished_at"
+                " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.study_uid = s.study_uid"
+                "                 AND o.status IN ('pending', 'dead')) ORDER BY finished_at",
+                (finished_before,)).fetchall()
+        return [dict(r) for r in rows]
+
+    def forget_study(self, study: dict[str, Any]) -> bool:
+        """Delete a study's rows (studies, instances, outbox) if it is still as ``study`` (a row
+        of :meth:`expired_studies`) left it: same status, no arrival since; False otherwise."""
+        with self._tx() as db:
+            row = db.execute("SELECT status, received_seq, finished_at FROM studies WHERE study_uid=?",
+                             (study["study_uid"],)).fetchone()
+            if row is None or (row["status"], row["received_seq"], row["finished_at"]) != (
+                    study["status"], study["received_seq"], study["finished_at"]):
+                return False
+            for table in ("outbox", "instances", "studies"):
+                db.execute(f"DELETE FROM {table} WHERE study_uid=?", (study["study_uid"],))
+        return True
+
     # ---- outbox ----------------------------------------------------------------------------
 
     def enqueue_outputs(self, study_uid: str, objects: list[tuple[Path, str, str]], destinations: list[str],
