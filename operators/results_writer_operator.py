@@ -55,7 +55,9 @@ class ResultsWriterOperator(Operator):
         return {
             "study_instance_uid": job.study_uid,
             "units": {"csa": "mm2", "volume": "cm3", "fat_fraction": "%", "slice_z": "mm (LPS z, head +)"},
-            "model": {"name": self.bundle.name, "version": self.bundle.version},
+            "model": {"name": self.bundle.name, "version": self.bundle.version,
+                      # per label: Dice on held-out real data (model card); a label absent was never evaluated
+                      "held_out_dice": {str(k): round(v, 3) for k, v in self.bundle.held_out_dice().items()}},
             "stacks": [
                 {
                     "series_instance_uid": w.volume.series_uid,

@@ -33,6 +33,7 @@ MEASUREMENT_COLUMNS = [
     "study_instance_uid", "series_instance_uid", "stack", "label", "muscle", "side", "level", "found",
     "volume_cm3", "mean_csa_mm2", "max_csa_mm2", "fat_fraction_pct", "fat_method", "bias_correction",
     "goutallier_grade", "asymmetry_index_pct", "pdff_pct", "n_slices_with_muscle", "level_method",
+    "model_held_out_dice",
 ]
 
 
@@ -50,7 +51,12 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
-def measurement_rows(study_uid: str, stacks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def measurement_rows(study_uid: str, stacks: list[dict[str, Any]],
+                     held_out_dice: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """One CSV row per muscle, side and stack, then one per lumbar level holding it.
+    ``held_out_dice``: per label (as text), the model's Dice on held-out real data (model card);
+    a muscle without one gets an empty ``model_held_out_dice``."""
+    held_out_dice = held_out_dice or {}
     rows = []
     for stack in stacks:
         for m in stack["measurements"]:
@@ -74,11 +80,13 @@ def measurement_rows(study_uid: str, stacks: list[dict[str, Any]]) -> list[dict[
                 "pdff_pct": "" if m.get("pdff_pct") is None else m["pdff_pct"],
                 "n_slices_with_muscle": sum(1 for v in m["slice_csa_mm2"] if v > 0),
                 "level_method": m.get("level_method", ""),
+                "model_held_out_dice": held_out_dice.get(str(m["label"]), ""),
             })
             for lm in m.get("level_measures") or []:
                 rows.append({
                     **{key: rows[-1][key] for key in ("study_instance_uid", "series_instance_uid", "stack", "label",
-                                                      "muscle", "side", "found", "fat_method", "bias_correction")},
+                                                      "muscle", "side", "found", "fat_method", "bias_correction",
+                                                      "model_held_out_dice")},
                     "level": lm["level"],
                     "volume_cm3": "",
                     "mean_csa_mm2": lm["mean_csa_mm2"],
@@ -122,7 +130,8 @@ def write_results_folder(out_dir: Path, study_uid: str, result: dict[str, Any],
         outputs.append(name)
     if measurements is not None:
         _fsync_write(staging / "measurements.json", json.dumps(measurements, indent=2).encode())
-        rows = measurement_rows(study_uid, measurements["stacks"])
+        rows = measurement_rows(study_uid, measurements["stacks"],
+                                (measurements.get("model") or {}).get("held_out_dice"))
         _fsync_write(staging / "measurements.csv", rows_to_csv(rows).encode())
         outputs += ["measurements.json", "measurements.csv"]
     result = dict(result, outputs=outputs, research_use=RESEARCH_USE_STATEMENT)

@@ -10,6 +10,8 @@ end with the right status and a reason; nothing half-written may look complete.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import subprocess
 import sys
@@ -116,6 +118,13 @@ def test_good_studies_end_done_with_valid_seg_per_stack_and_one_sr(batch, name):
     header = (folder / "measurements.csv").read_text().splitlines()[0]
     assert "fat_fraction_pct" in header and "volume_cm3" in header
     assert "RESEARCH USE ONLY" in result["research_use"]
+    # Each muscle's row says how far its segmentation can be trusted: the model card's held-out
+    # Dice (multifidus, erector spinae), or nothing where no real-data figure exists.
+    dice = measurements["model"]["held_out_dice"]
+    assert set(dice) == {"1", "2", "3", "4"}
+    rows = list(csv.DictReader(io.StringIO((folder / "measurements.csv").read_text())))
+    for row in rows:
+        assert row["model_held_out_dice"] == (str(dice[row["label"]]) if row["label"] in dice else "")
 
 
 def test_junk_files_are_listed_and_non_image_series_rejected_with_reason(batch):
