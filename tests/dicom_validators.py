@@ -17,6 +17,7 @@ Install the Node side once with ``npm ci --prefix tests/js``.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -529,3 +530,14 @@ def dcmjs_read(
         ) from exc
     result["stderr"] = proc.stderr
     return result
+
+
+def bytes_without_dates(ds) -> bytes:
+    """The data set encoded as a Part 10 file with every DA/TM/DT value emptied: two objects built
+    from the same input at different times compare equal byte for byte."""
+    for element in ds.iterall():
+        if element.VR in ("DA", "TM", "DT"):
+            element.value = ""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
