@@ -120,13 +120,9 @@ def index_folder(root: Path) -> FolderIndex:
         except Exception as exc:  # truncated or corrupt files raise many different errors
             problems.append(FileProblem(path, f"unreadable DICOM file: {type(exc).__name__}: {exc}"))
             continue
-        try:
-            study_uid = str(header.get("StudyInstanceUID", "")).strip()
-            series_uid = str(header.get("SeriesInstanceUID", "")).strip()
-            sop_uid = str(header.get("SOPInstanceUID", "")).strip()
-        except Exception as exc:  # a UID value pydicom cannot turn into text
-            problems.append(FileProblem(path, f"unreadable DICOM file: {type(exc).__name__}: {exc}"))
-            continue
+        study_uid = str(header.get("StudyInstanceUID", "")).strip()  # decoded by _read_header
+        series_uid = str(header.get("SeriesInstanceUID", "")).strip()
+        sop_uid = str(header.get("SOPInstanceUID", "")).strip()
         if not study_uid or not series_uid or not sop_uid:
             problems.append(FileProblem(path, "DICOM file lacks Study, Series or SOP Instance UID"))
             continue

@@ -190,19 +190,16 @@ class StateStore:
         now = time.time() if now is None else now
         a = arrival
         with self._tx() as db:
-            # The spool says "duplicate" for a file already in place; if this database never
-            # recorded it, the node stopped between the file's rename and this commit (the peer
-            # got no response and re-sends): for the study it is a new instance.
-            known = db.execute("SELECT 1 FROM instances WHERE sop_instance_uid=?", (a.sop_instance_uid,)).fetchone()
-            db.execute(
+            times_received = db.execute(
                 "INSERT INTO instances (sop_instance_uid, study_uid, series_uid, sop_class_uid, transfer_syntax,"
                 " size, first_received, last_received) VALUES (?,?,?,?,?,?,?,?)"
                 " ON CONFLICT(sop_instance_uid) DO UPDATE SET study_uid=excluded.study_uid,"
                 " series_uid=excluded.series_uid, sop_class_uid=excluded.sop_class_uid,"
                 " transfer_syntax=excluded.transfer_syntax, size=excluded.size,"
-                " last_received=excluded.last_received, times_received=times_received+1",
+                " last_received=excluded.last_received, times_received=times_received+1"
+                " RETURNING times_received",
                 (a.sop_instance_uid, a.study_uid, a.series_uid, a.sop_class_uid, a.transfer_syntax, a.size, now, now),
-            )
+            ).fetchone()[0]
             row = db.execute("SELECT status FROM studies WHERE study_uid=?", (a.study_uid,)).fetchone()
             if row is None:
                 db.execute(
@@ -210,7 +207,10 @@ class StateStore:
                     " VALUES (?, 'receiving', ?, ?, 1, ?)", (a.study_uid, now, now, a.calling_ae))
                 return "receiving"
             status = row["status"]
-            duplicate = a.outcome == "duplicate" and known is not None
+            # The spool says "duplicate" for a file already in place; if this database never
+            # recorded it (first time here), the node stopped between the file's rename and the
+            # commit (the peer got no response and re-sends): for the study it is a new instance.
+            duplicate = a.outcome == "duplicate" and times_received > 1
             counts = a.triggers_analysis and (not duplicate or status in ("receiving", "queued", "failed"))
             if not counts:
                 return status
