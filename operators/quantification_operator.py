@@ -7,7 +7,7 @@ from monai.deploy.core import Fragment
 from app.config import QuantificationSettings
 from operators.study_stage import StudyStageOperator
 from paraspinal.dixon import DixonPair, find_dixon_pair, pdff_on_stack
-from paraspinal.levels import SliceLevels, StudyLevelSources, determine_levels
+from paraspinal.levels import POSITION_NOTE, SliceLevels, StudyLevelSources, determine_levels
 from paraspinal.model_bundle import ModelBundle
 from paraspinal.quantification import measure_stack
 from paraspinal.study_job import JobStatus, StackWork, StudyJob
@@ -55,17 +55,14 @@ class QuantificationOperator(StudyStageOperator):
         self._logger.info("study %s stack %d: Dixon PDFF from %s", job.study_uid, work.volume.index, pair.reason)
         return pdff, pair.as_dict()
 
-    def _levels(self, job: StudyJob, work: StackWork, sources: list) -> SliceLevels:
+    def _levels(self, job: StudyJob, work: StackWork, sources: StudyLevelSources) -> SliceLevels:
         try:
-            if not sources:
-                sources.append(StudyLevelSources(job.study))
-            levels = sources[0].levels_for(work.volume, work.labels)
+            levels = sources.levels_for(work.volume, work.labels)
         except Exception as exc:  # a broken labelled source costs only the levels
             self._logger.warning("study %s stack %d: levels not determined: %s: %s", job.study_uid,
                                  work.volume.index, type(exc).__name__, exc)
             return determine_levels(work.volume.n_slices, f"level unknown: the labelled source could not be used "
-                                    f"({type(exc).__name__}); measurements are reported by slice position "
-                                    "(LPS z of the slice centre, head +)")
+                                    f"({type(exc).__name__}); {POSITION_NOTE}")
         known = sum(1 for level in levels.levels if level)
         self._logger.info("study %s stack %d: %d of %d slices with a lumbar level (%s)", job.study_uid,
                           work.volume.index, known, work.volume.n_slices, levels.method[:200])
@@ -73,7 +70,7 @@ class QuantificationOperator(StudyStageOperator):
 
     def process(self, job: StudyJob) -> None:
         pairs: dict[str, tuple[DixonPair | None, str]] = {}
-        level_sources: list = []
+        level_sources = StudyLevelSources(job.study)  # headers only; a SEG's voxels are read when used
         for work in job.stacks:
             pdff, source = (self._pdff(job, work, pairs) if self.settings.dixon_pdff == "auto" else (None, None))
             work.measurements = measure_stack(work.volume, work.labels, self.bundle.labels,
