@@ -499,9 +499,8 @@ def _muscle_seg_copy(level_seg_path: Path, out: Path) -> Path:
         segment.SegmentLabel = "multifidus right"
         code = segment.SegmentedPropertyTypeCodeSequence[0]
         code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "5709001", "SCT", "Multifidus muscles"
-        for key in ("AnatomicRegionSequence",):
-            if key in segment:
-                del segment[key]
+        if "AnatomicRegionSequence" in segment:
+            del segment.AnatomicRegionSequence
     ds.save_as(out, enforce_file_format=True)
     return out
 
