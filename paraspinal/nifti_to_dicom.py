@@ -14,6 +14,8 @@ files points to the patient's left), never from the array order.
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +37,10 @@ __all__ = [
 ]
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
-DEFAULT_REAL_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+#: The shared real fixtures: ``../shared/data/real`` beside the project, or ``$PARASPINAL_REAL_DATA``
+#: (a checkout elsewhere, a site's copy). The one definition; training and the tests use it too.
+DEFAULT_REAL_DATA_DIR = Path(os.environ.get("PARASPINAL_REAL_DATA",
+                                            Path(__file__).resolve().parents[2] / "shared" / "data" / "real"))
 REAL_CASES = ("musclemap_sub0001", "myosegmentum_tum01")
 # MyoSegmenTUM labels (1 ES R, 2 MF R, 3 MF L, 4 ES L) -> the project's labels (paraspinal.phantom.LABEL_NAMES).
 _MYOSEGMENTUM_TO_PROJECT = {1: 3, 2: 1, 3: 2, 4: 4}

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-REAL_DATA = ROOT.parent / "shared" / "data" / "real"
+from paraspinal.nifti_to_dicom import DEFAULT_REAL_DATA_DIR as REAL_DATA  # noqa: E402 (after sys.path)
 # The shipped bundle; PARASPINAL_TEST_MODEL points the suite at another one.
 MODEL_PATH = Path(os.environ.get("PARASPINAL_TEST_MODEL", ROOT / "models"))
 

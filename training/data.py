@@ -16,7 +16,6 @@ voxel axis 2 of that RAS volume, i.e. ``vol[:, :, :, k]`` -> (1, I, J).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
@@ -27,12 +26,11 @@ import torch
 
 from paraspinal.model_bundle import PreprocessingSpec
 from paraspinal.preprocessing import as_metatensor, model_space_transforms
+from paraspinal.nifti_to_dicom import DEFAULT_REAL_DATA_DIR
 from training.labels import ALL_CLASSES, NUM_CLASSES
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-# The shared real fixtures live next to the project (../shared/data/real); the
-# environment variable lets a site point elsewhere without editing code.
-REAL_DATA_DIR = Path(os.environ.get("PARASPINAL_REAL_DATA", PROJECT_ROOT.parent / "shared" / "data" / "real"))
+REAL_DATA_DIR = DEFAULT_REAL_DATA_DIR  # ../shared/data/real or $PARASPINAL_REAL_DATA
 
 # The model space every bundle trained here uses (the application reads it from metadata).
 MODEL_SPEC = PreprocessingSpec(
