@@ -3,6 +3,8 @@
 #   make test   - the test suite
 # and the long reliability run (about 10 min on 2 busy cores):
 #   make soak   - load, repeated crashes, outage, SIGTERM, 10,000 fuzz cases; prints a summary table
+# and the model (about 2 h on one free CPU core; every step resumes):
+#   make model  - leave-one-subject-out folds, QC validation, the shipped bundle and its card
 # and the benchmarks (figures, not pass/fail; about 15 min on 2 cores):
 #   make bench  - latency, inference, ingest, concurrency, memory -> benchmarks/results/latest.{json,md}
 SHELL := /bin/bash
@@ -18,7 +20,7 @@ RUN := ulimit -s 32768 2>/dev/null || true;
 SOAK_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: demo test soak bench venv clean-demo
+.PHONY: demo test soak bench venv clean-demo model
 
 venv: $(STAMP)
 
@@ -44,6 +46,9 @@ soak: venv
 # e.g. make bench BENCH_ARGS="--suites e2e,ingest --repeats 5" (README "Performance")
 bench: venv
 	$(RUN) $(PY) -m benchmarks $(BENCH_ARGS)
+
+model: venv
+	PY=$(PY) bash training/reproduce_model.sh
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

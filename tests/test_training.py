@@ -248,7 +248,9 @@ def test_resume_continues_exactly(tmp_path: Path):
         pytest.skip("shared real fixtures not present")
     from training.train import main
 
-    common = ["--cases", "musclemap_sub0001", "--checkpoint-every", "2", *TINY]
+    # with every augmentation of the 0.3.0 recipe: their random draws must be seeded per epoch too
+    common = ["--cases", "myosegmentum_tum01", "--holdout", "--checkpoint-every", "2", "--geometry", "strong",
+              "--label-synthesis", "0.5", "--dixon-contrasts", "0.7", *TINY]
     assert main(["--out", str(tmp_path / "full"), "--iterations", "4", *common]) == 0
     assert main(["--out", str(tmp_path / "split"), "--iterations", "4", "--stop-at", "2", *common]) == 0
     assert torch.load(str(tmp_path / "split" / "checkpoint.pt"), weights_only=False)["iteration"] == 2
@@ -267,9 +269,76 @@ def test_evaluation_inference_returns_probabilities_on_the_source_grid(tiny_bund
     # An oblique-free LPS-like grid (axis 0 to the patient's left), as the real files are.
     affine = np.array([[-0.9, 0, 0, 100], [0, -0.9, 0, 90], [0, 0, 4.5, -20], [0, 0, 0, 1.0]])
     case = LoadedCase("toy", rng.uniform(0, 500, (70, 60, 3)).astype(np.float32), None, affine, (0,), "toy")
-    probs = predict_probabilities(case, load_bundle(tiny_bundle, "cpu"))
+    probs, uncertainty = predict_probabilities(case, load_bundle(tiny_bundle, "cpu"))
     assert probs.shape == (NUM_CLASSES, 70, 60, 3)
     assert np.allclose(probs.sum(axis=0), 1.0, atol=1e-3)
+    # per-slice scores, one per slice of the case (None where a label is not predicted)
+    assert all(len(v) == 3 for v in uncertainty.entropy.values())
+
+
+# ------------------------------------------------------------------ 0.3.0 augmentations
+def _slice_item(with_dixon: bool) -> dict:
+    rng = np.random.default_rng(3)
+    label = torch.zeros(1, 64, 64, dtype=torch.int64)
+    label[0, 20:30, 10:25], label[0, 20:30, 39:54] = 3, 4
+    water = torch.from_numpy(rng.uniform(50, 100, (1, 64, 64)).astype(np.float32))
+    fat = torch.from_numpy(rng.uniform(0, 20, (1, 64, 64)).astype(np.float32))
+    fat[0, 40:60], water[0, 40:60] = 300.0, 5.0  # a subcutaneous fat band (almost no water signal)
+    water[0, :5], fat[0, :5] = 0.0, 0.0  # masked background rows
+    from training.data import tissue_map
+
+    image = water + fat
+    item = {"image": image, "label": label, "labelled": torch.ones(NUM_CLASSES), "pad_value": 0.0,
+            "tissue": torch.from_numpy(tissue_map(image.numpy(), label.numpy(), range(NUM_CLASSES)).astype(np.int64))}
+    if with_dixon:
+        item.update(water=water, fat=fat)
+    return item
+
+
+def test_tissue_map_keeps_muscles_and_clusters_the_rest():
+    from training.data import MASKED_TISSUE
+
+    item = _slice_item(False)
+    tissue, label = item["tissue"].numpy(), item["label"].numpy()
+    assert np.array_equal(tissue[label > 0], label[label > 0])
+    assert (tissue[0, :5] == MASKED_TISSUE).all()
+    rest = tissue[(label == 0) & (tissue != MASKED_TISSUE)]
+    assert rest.min() > MASKED_TISSUE and len(np.unique(rest)) >= 2  # fat band apart from the rest
+
+
+def test_dixon_contrasts_remix_water_and_fat_and_leave_labels_and_other_cases_alone():
+    from training.transforms import RandDixonContrastd
+
+    t = RandDixonContrastd(prob=1.0)
+    t.set_random_state(0)
+    item = _slice_item(True)
+    images = []
+    for _ in range(30):
+        out = t(item)
+        assert torch.equal(out["label"], item["label"])
+        x = out["image"][item["water"] + item["fat"] > 0]
+        assert abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1.0) < 1e-2  # z-scored like the application
+        images.append(out["image"])
+    fat_band = [float(img[0, 45, 30] - img[0, 25, 17]) for img in images]  # fat minus muscle
+    assert min(fat_band) < 0 < max(fat_band)  # fat darker than muscle in some draws (water-only), brighter in others
+    plain = _slice_item(False)
+    assert torch.equal(t(plain)["image"], plain["image"])
+
+
+def test_label_synthesis_redraws_intensities_but_keeps_the_anatomy():
+    from training.transforms import RandLabelSynthd
+
+    t = RandLabelSynthd(prob=1.0)
+    t.set_random_state(1)
+    item = _slice_item(False)
+    differences = []
+    for _ in range(8):
+        out = t(item)
+        assert torch.equal(out["label"], item["label"])
+        img = out["image"][0]
+        differences.append(float(img[25, 17] - img[45, 30]))  # muscle minus fat, random sign
+        assert float(img[20:30, 10:25].std()) < float(img.std())  # a muscle is one tissue class
+    assert min(differences) < 0 < max(differences)
 
 
 # ------------------------------------------------------------------ MuscleMap import

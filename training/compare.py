@@ -48,6 +48,17 @@ def per_label_dice(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def fold_mean_dice(runs: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, float]:
+    """Per label (as text), the mean post-processed Dice over the runs' cases that label it."""
+    scores: dict[str, list[float]] = {}
+    for _, report in runs:
+        for case in report["cases"]:
+            for row in case["rows"]:
+                if row["label"] > 0 and row.get("dice") is not None:
+                    scores.setdefault(str(row["label"]), []).append(float(row["dice"]))
+    return {label: round(sum(v) / len(v), 4) for label, v in sorted(scores.items(), key=lambda kv: int(kv[0]))}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--title", required=True)
@@ -56,6 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="markdown file to write")
     p.add_argument("--into-bundle", type=Path, default=None,
                    help="also store the table as a recipe check in this bundle's metadata and card")
+    p.add_argument("--cross-validation", action="store_true",
+                   help="the runs are leave-one-subject-out folds of the bundle's recipe: also store their "
+                        "per-label Dice (mean over the folds that label it) as the bundle's held-out figure "
+                        "(evaluation.cross_validation; shown beside every measurement)")
     args = p.parse_args(argv)
     runs = []
     for spec in args.run:
@@ -74,6 +89,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         checks = [c for c in evaluation.get("recipe_checks", []) if c.get("title") != args.title]
         checks.append({"title": args.title, "text": text + "\n\nMeans over the evaluated labels:", "rows": rows})
         evaluation["recipe_checks"] = checks
+        if args.cross_validation:
+            evaluation["cross_validation"] = {
+                "method": f"leave-one-subject-out folds of this recipe ({args.title})",
+                "folds": [name for name, _ in runs],
+                "per_label_dice": fold_mean_dice(runs),
+            }
         write_metadata(args.into_bundle, metadata)
     print(args.out.read_text())
     return 0

@@ -95,6 +95,27 @@ def slice_records(case: LoadedCase, pred: np.ndarray, uncertainty: SliceUncertai
     return records
 
 
+SYNTHETIC_TEST_PREFIX = "synthetic_test_"
+SYNTHETIC_TEST_SEED = 99  # training renders its phantoms with the run's seed (0): never these
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticTestCase:
+    """``synthetic_test_<n>``: phantom volume n of seed 99, which no training run renders."""
+
+    case_id: str
+
+    def load(self) -> LoadedCase:
+        from training.synthetic import synthetic_case
+
+        try:
+            index = int(self.case_id[len(SYNTHETIC_TEST_PREFIX):])
+        except ValueError as exc:
+            raise CaseError(f"{self.case_id}: expected {SYNTHETIC_TEST_PREFIX}<number>") from exc
+        case = synthetic_case(index, seed=SYNTHETIC_TEST_SEED)
+        return dataclasses.replace(case, case_id=self.case_id)
+
+
 def _display(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """Reorient (I, J, K) to RAS, then to radiological display (rows anterior->posterior,
     columns patient right->left, i.e. the patient's right on the viewer's left)."""
@@ -261,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for case_id in args.case:
+        if case_id.startswith(SYNTHETIC_TEST_PREFIX):
+            registry[case_id] = SyntheticTestCase(case_id)
         if case_id not in registry:
             print(f"error: unknown case {case_id!r}; known: {sorted(registry)}", file=sys.stderr)
             return 2

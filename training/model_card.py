@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from training.labels import label_name
+
 METRIC_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("dice", "Dice", "{:.3f}"),
     ("jaccard", "Jaccard", "{:.3f}"),
@@ -27,20 +29,25 @@ RESEARCH_USE = (
 )
 
 DEFAULT_LIMITS: tuple[str, ...] = (
-    "Trained on one real volume plus synthetic phantoms: the evaluation figures come from one held-out "
-    "volume and do not establish performance on other scanners, sequences, levels or pathologies. For "
+    "Trained on at most two real volumes (MuscleMap sub-0001, MyoSegmenTUM tum01) plus synthetic phantoms. "
+    "Held-out figures come from leave-one-subject-out folds, each tested on one real volume, and do not "
+    "establish performance on other scanners, sequences, levels or pathologies; a model trained on both real "
+    "volumes has no held-out real case left, and its card gives the folds' figures for its recipe. For "
     "orientation only: Wesselink et al. report Dice 0.90-0.93 in-distribution with 76 training participants; "
-    "the figures here are not comparable (one out-of-distribution volume, another annotation protocol).",
-    "The held-out MyoSegmenTUM input is a Dixon water+fat sum standing in for T2 TSE, and its manual "
-    "masks label multifidus and erector spinae only, so psoas major and quadratus lumborum are not "
-    "evaluated on it; its annotation protocol (e.g. where multifidus ends and erector spinae begins) "
-    "differs from MuscleMap's, which lowers the measured agreement independently of the model.",
+    "the figures here are not comparable (out-of-distribution volumes, other annotation protocols).",
+    "The MyoSegmenTUM input is a Dixon water+fat sum standing in for T2 TSE, and its manual masks label "
+    "multifidus and erector spinae only; its annotation protocol (e.g. where multifidus ends and erector "
+    "spinae begins) differs from MuscleMap's, which lowers the measured agreement independently of the model.",
+    "Psoas major and quadratus lumborum have real labels in one volume only (MuscleMap sub-0001, 20 slices): "
+    "their only held-out figure is the fold trained without it, where they are learned from phantoms alone.",
     "The MuscleMap sample segmentation may be model-assisted (its provenance says so); it is a "
     "reference, not necessarily a manual ground truth.",
     "2D slice-wise model: no through-plane context; slices far outside L1-S1 are out of scope and "
     "may receive spurious labels (post-processing keeps the largest 3D component per muscle).",
     "Laterality follows the image geometry (RAS model space); a wrong orientation in the DICOM header "
     "gives wrong sides.",
+    "The review flag (quality control) was validated on the two held-out real volumes and on synthetic "
+    "phantoms only: a muscle without a flag is not thereby correct, and every outline needs a reader.",
 )
 
 
@@ -103,7 +110,11 @@ def _training_section(training: dict[str, Any]) -> list[str]:
         f"- Optimiser: {recipe.get('optimizer')} lr {recipe.get('lr')}, weight decay {recipe.get('weight_decay')}, "
         f"{recipe.get('lr_schedule')} schedule.",
         f"- Augmentation: geometric ({aug.get('geometric')}); contrast augmentation: "
-        f"{CONTRAST_AUGMENTATION.get(str(aug.get('contrast')), aug.get('contrast'))}.",
+        f"{CONTRAST_AUGMENTATION.get(str(aug.get('contrast')), aug.get('contrast'))}"
+        + (f"; label-driven synthesis (SynthSeg-style, training/transforms.py RandLabelSynthd) p="
+           f"{aug['label_synthesis_p']}" if aug.get("label_synthesis_p") else "")
+        + (f"; Dixon contrast synthesis from water and fat (RandDixonContrastd) p={aug['dixon_contrasts_p']}"
+           if aug.get("dixon_contrasts_p") else "") + ".",
         f"- Model selection: {recipe.get('selection')}.",
         f"- Initial weights: {recipe.get('init') or 'random (MONAI default initialisation)'}.",
         f"- Final training loss (mean of the last 100 iterations): {training.get('final_loss_mean_last_100')}.",
@@ -117,7 +128,18 @@ def _training_section(training: dict[str, Any]) -> list[str]:
 def _evaluation_section(evaluation: dict[str, Any]) -> list[str]:
     lines = ["## Evaluation", ""]
     if not evaluation.get("measured"):
-        lines += ["Not measured for these weights yet. Run:", "", f"    {evaluation.get('how', '')}", ""]
+        if evaluation.get("cross_validation"):
+            cv = evaluation["cross_validation"]
+            lines += ["These weights were trained on every real labelled volume there is, so none is left to test "
+                      f"them on. Held-out figures are those of the recipe: {cv.get('method')}. Per-label Dice "
+                      "(mean over the folds that label it; the application shows it beside each muscle): "
+                      + ", ".join(f"{label_name(int(k))} {v:.3f}" for k, v in cv.get("per_label_dice", {}).items()) + ".", ""]
+        else:
+            lines += ["Not measured for these weights yet. Run:", "", f"    {evaluation.get('how', '')}", ""]
+        for check in evaluation.get("recipe_checks", []):
+            lines += [f"### Recipe check: {check['title']}", "", check.get("text", ""), ""]
+            if check.get("rows"):
+                lines += [metric_table(check["rows"]), ""]
         return lines
     lines += [evaluation.get("method", ""), ""]
     for case in evaluation.get("cases", []):
