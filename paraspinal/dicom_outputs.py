@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from app.config import OutputSettings
+from paraspinal.enhanced_mr import seg_source_arguments, source_key
 from paraspinal.model_bundle import Code, LabelInfo, ModelBundle
 from paraspinal.fat_methods import fat_method
 from paraspinal.levels import spine_level
@@ -115,14 +116,15 @@ def build_segmentation(stack: StackVolume, labels: np.ndarray, bundle: ModelBund
     for value, number in numbers.items():
         remapped[labels == value] = number
     # The source instances are part of the key: a series that gained or lost slices gives new objects.
-    sources = hashlib.sha256("\\".join(sorted(str(ds.SOPInstanceUID) for ds in stack.datasets)).encode()).hexdigest()
+    sources = hashlib.sha256("\\".join(sorted(source_key(ds.SOPInstanceUID, stack.frame_number(k))
+                                               for k, ds in enumerate(stack.datasets))).encode()).hexdigest()
     key = (stack.series_uid, str(stack.index), bundle.weights_sha256, sources)
     descriptions = [
         _segment_description(numbers[info.value], info, bundle, stable_uid(*key, "track", str(info.value)))
         for info in present
     ]
     seg = hd.seg.Segmentation(
-        source_images=stack.datasets,
+        **seg_source_arguments(stack),  # classic images, or the frames of a multi-frame instance
         pixel_array=remapped,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
@@ -166,13 +168,16 @@ def fat_method_concept(key: str, bias_correction: str = "none") -> hd.sr.CodedCo
 
 
 def seg_frame_numbers(seg: Dataset) -> dict[tuple[int, str], int]:
-    """(segment number, source SOP Instance UID) -> frame number (1-based) of a BINARY SEG."""
+    """(segment number, source image key) -> frame number (1-based) of a BINARY SEG; the key is the
+    source SOP Instance UID, with ``#<frame>`` for a frame of a multi-frame source (:func:`source_key`)."""
     out = {}
     for i, frame in enumerate(seg.PerFrameFunctionalGroupsSequence, start=1):
         number = int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
         for derivation in frame.get("DerivationImageSequence", []):
             for source in derivation.get("SourceImageSequence", []):
-                out[(number, str(source.ReferencedSOPInstanceUID))] = i
+                referenced = source.get("ReferencedFrameNumber")
+                key = source_key(source.ReferencedSOPInstanceUID, None if referenced is None else int(referenced))
+                out[(number, key)] = i
     return out
 
 
@@ -230,7 +235,7 @@ def _slice_group(seg: SegmentationResult, frames: dict[tuple[int, str], int], st
     """
     source = stack.datasets[k]
     number = seg.segment_numbers[info.value]
-    frame = frames.get((number, str(source.SOPInstanceUID)))
+    frame = frames.get((number, source_key(source.SOPInstanceUID, stack.frame_number(k))))
     if frame is None:
         return None
     if dixon and (k >= len(m.slice_pdff_pct) or m.slice_pdff_pct[k] is None):
@@ -260,7 +265,7 @@ def _slice_group(seg: SegmentationResult, frames: dict[tuple[int, str], int], st
         referenced_segment=hd.sr.ReferencedSegmentationFrame(
             sop_class_uid=seg.dataset.SOPClassUID, sop_instance_uid=seg.dataset.SOPInstanceUID,
             frame_number=frame, segment_number=number,
-            source_image=hd.sr.SourceImageForSegmentation(str(source.SOPClassUID), str(source.SOPInstanceUID)),
+            source_image=_source_image(stack, [k]),
         ),
         finding_type=parts.finding_type,
         method=method,
@@ -270,6 +275,16 @@ def _slice_group(seg: SegmentationResult, frames: dict[tuple[int, str], int], st
     )
     _reference_frame_only(group)
     return group
+
+
+def _source_image(stack: StackVolume, slices: list[int]) -> hd.sr.SourceImageForSegmentation:
+    """The source image of slice ``slices[0]``; for frames of a multi-frame instance, that instance
+    with the frame numbers of all ``slices`` (one multi-frame instance per stack, see
+    :func:`paraspinal.enhanced_mr.seg_source_arguments`)."""
+    source = stack.datasets[slices[0]]
+    frames = [stack.frame_number(k) for k in slices if stack.frame_number(k) is not None]
+    return hd.sr.SourceImageForSegmentation(str(source.SOPClassUID), str(source.SOPInstanceUID),
+                                            referenced_frame_numbers=frames or None)
 
 
 def _reference_frame_only(items) -> None:
@@ -359,8 +374,9 @@ def _level_group(seg: SegmentationResult, stack: StackVolume, m: MuscleMeasureme
         if lm.fat_fraction_pct is not None:
             measurements.append(hd.sr.Measurement(name=FAT_FRACTION, value=lm.fat_fraction_pct, unit=PERCENT,
                                                   method=method, algorithm_id=algorithm))
-    sources = [hd.sr.SourceImageForSegmentation(str(stack.datasets[k].SOPClassUID),
-                                                str(stack.datasets[k].SOPInstanceUID)) for k in lm.slices]
+    sources = ([hd.sr.SourceImageForSegmentation(str(stack.datasets[k].SOPClassUID),
+                                                 str(stack.datasets[k].SOPInstanceUID)) for k in lm.slices]
+               if not stack.is_multi_frame else [_source_image(stack, lm.slices)])
     suffix = " PDFF" if dixon else ""
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
@@ -452,7 +468,7 @@ def build_measurement_report(results: list[tuple[StackVolume, SegmentationResult
     first_stack = results[0][0]
     key = ([first_stack.series_uid, bundle.weights_sha256] + [s.dataset.SOPInstanceUID for _, s, _ in results]
            + [content_key(m for _, _, measures in results for m in measures)])
-    evidence = [seg.dataset for _, seg, _ in results] + [ds for stack, _, _ in results for ds in stack.datasets]
+    evidence = [seg.dataset for _, seg, _ in results] + [ds for stack, _, _ in results for ds in stack.sources]
     report = _measurement_report(groups + pdff_groups + level_groups + slice_groups, bundle, settings)
     # highdicom's SR constructor deep-copies and re-parses the whole content tree and searches it
     # for references: seconds for thousands of per-slice items that highdicom built and checked
