@@ -9,6 +9,7 @@ silently replacing old ones.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import uuid
@@ -20,7 +21,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from app.config import OutputSettings
+from paraspinal.settings import OutputSettings
 from paraspinal.enhanced_mr import seg_source_arguments, source_key
 from paraspinal.model_bundle import Code, LabelInfo, ModelBundle
 from paraspinal.fat_methods import fat_method
@@ -155,6 +156,16 @@ GOUTALLIER_VALUES = {
     "severe": hd.sr.CodedConcept("GOUT34", PRIVATE_SCHEME, "Severe fatty infiltration (> 50 %)"),
 }
 DIXON_PDFF_METHOD = hd.sr.CodedConcept("DIXONPDFF", PRIVATE_SCHEME, "Dixon proton density fat fraction F/(W+F)")
+
+
+@functools.lru_cache(maxsize=None)
+def dixon_pdff_method(erosion_voxels: int) -> hd.sr.CodedConcept:
+    """The Dixon PDFF method, naming the in-plane erosion of the mask it was measured in
+    (``DIXONPDFFE<N>``); :data:`DIXON_PDFF_METHOD` where the mask was not eroded."""
+    if not erosion_voxels:
+        return DIXON_PDFF_METHOD
+    return hd.sr.CodedConcept(f"DIXONPDFFE{erosion_voxels}", PRIVATE_SCHEME,
+                              f"Dixon PDFF F/(W+F), mask eroded in-plane {erosion_voxels} voxel"[:64])
 UNIT_MM2 = hd.sr.CodedConcept("mm2", "UCUM", "square millimeter")
 UNIT_CM2 = hd.sr.CodedConcept("cm2", "UCUM", "square centimeter")
 
@@ -245,7 +256,7 @@ def _slice_group(seg: SegmentationResult, frames: dict[tuple[int, str], int], st
     level = m.slice_level[k] if k < len(m.slice_level) else None
     sites = [parts.site, level_site(level)] if level else [parts.site]
     if dixon:
-        method = DIXON_PDFF_METHOD
+        method = dixon_pdff_method(m.pdff_erosion_voxels)
         measurements = [hd.sr.Measurement(name=FAT_FRACTION, value=m.slice_pdff_pct[k], unit=PERCENT,
                                           method=method)]
     else:
@@ -364,9 +375,9 @@ def _level_group(seg: SegmentationResult, stack: StackVolume, m: MuscleMeasureme
     if dixon:
         if lm.pdff_pct is None:
             return None
-        method = DIXON_PDFF_METHOD
+        method = dixon_pdff_method(m.pdff_erosion_voxels)
         measurements = [hd.sr.Measurement(name=codes.DCM.FatFraction, value=lm.pdff_pct, unit=codes.UCUM.Percent,
-                                          method=DIXON_PDFF_METHOD)]
+                                          method=method)]
     else:
         method = fat_method_concept(m.fat_method, m.bias_correction)
         measurements = [hd.sr.Measurement(name=AREA, value=lm.mean_csa_mm2, unit=UNIT_MM2, derivation=codes.SCT.Mean,
@@ -398,8 +409,15 @@ def _level_group(seg: SegmentationResult, stack: StackVolume, m: MuscleMeasureme
 
 def _dixon_group(seg: SegmentationResult, stack: StackVolume, m: MuscleMeasurement, info: LabelInfo,
                  bundle: ModelBundle) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
-    """TID 1411 group with the Dixon PDFF (%) inside the same segment, method DIXONPDFF."""
+    """TID 1411 group with the Dixon PDFF (%) inside the same segment: the mean, and the median
+    (derivation Median), in the mask eroded in-plane as the method names (:func:`dixon_pdff_method`)."""
     site = hd.sr.FindingSite(anatomic_location=coded(info.code), laterality=coded(info.laterality))
+    method = dixon_pdff_method(m.pdff_erosion_voxels)
+    measurements = [hd.sr.Measurement(name=codes.DCM.FatFraction, value=m.pdff_pct, unit=codes.UCUM.Percent,
+                                      method=method)]
+    if m.pdff_median_pct is not None:
+        measurements.append(hd.sr.Measurement(name=codes.DCM.FatFraction, value=m.pdff_median_pct,
+                                              unit=codes.UCUM.Percent, method=method, derivation=codes.SCT.Median))
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=stable_uid(stack.series_uid, str(stack.index), bundle.weights_sha256, "pdff", str(info.value)),
@@ -407,10 +425,9 @@ def _dixon_group(seg: SegmentationResult, stack: StackVolume, m: MuscleMeasureme
         ),
         referenced_segment=_referenced_segment(seg, stack, info),
         finding_type=coded(info.code),
-        method=DIXON_PDFF_METHOD,
+        method=method,
         finding_sites=[site],
-        measurements=[hd.sr.Measurement(name=codes.DCM.FatFraction, value=m.pdff_pct, unit=codes.UCUM.Percent,
-                                        method=DIXON_PDFF_METHOD)],
+        measurements=measurements,
     )
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from app.config import SelectionRules
+from paraspinal.settings import SelectionRules
 from paraspinal.dicom_index import SeriesRecord, StudyRecord
 from paraspinal.dixon import dixon_kind
 from paraspinal.enhanced_mr import MR_IMAGE_SOP_CLASSES, explain
