@@ -21,12 +21,12 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from paraspinal.settings import OutputSettings
 from paraspinal.enhanced_mr import seg_source_arguments, source_key
 from paraspinal.model_bundle import Code, LabelInfo, ModelBundle
 from paraspinal.fat_methods import fat_method
 from paraspinal.levels import spine_level
 from paraspinal.quantification import LevelMeasure, MuscleMeasurement
+from paraspinal.settings import OutputSettings
 from paraspinal.stacks import StackVolume
 
 # No standard code names these methods; a private scheme (99-prefixed, DICOM PS3.16 8.2) is honest.
@@ -156,6 +156,8 @@ GOUTALLIER_VALUES = {
     "severe": hd.sr.CodedConcept("GOUT34", PRIVATE_SCHEME, "Severe fatty infiltration (> 50 %)"),
 }
 DIXON_PDFF_METHOD = hd.sr.CodedConcept("DIXONPDFF", PRIVATE_SCHEME, "Dixon proton density fat fraction F/(W+F)")
+UNIT_MM2 = hd.sr.CodedConcept("mm2", "UCUM", "square millimeter")
+UNIT_CM2 = hd.sr.CodedConcept("cm2", "UCUM", "square centimeter")
 
 
 @functools.lru_cache(maxsize=None)
@@ -166,8 +168,6 @@ def dixon_pdff_method(erosion_voxels: int) -> hd.sr.CodedConcept:
         return DIXON_PDFF_METHOD
     return hd.sr.CodedConcept(f"DIXONPDFFE{erosion_voxels}", PRIVATE_SCHEME,
                               f"Dixon PDFF F/(W+F), mask eroded in-plane {erosion_voxels} voxel"[:64])
-UNIT_MM2 = hd.sr.CodedConcept("mm2", "UCUM", "square millimeter")
-UNIT_CM2 = hd.sr.CodedConcept("cm2", "UCUM", "square centimeter")
 
 
 def fat_method_concept(key: str, bias_correction: str = "none") -> hd.sr.CodedConcept:

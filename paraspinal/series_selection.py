@@ -144,6 +144,13 @@ def judge_series(series: SeriesRecord, rules: SelectionRules) -> SeriesDecision:
     except StackError as exc:
         return reject(f"{_name(series)}: {_explained(series, exc)} (unusable geometry)")
     kept = [p for p in plans if len(p.instances) >= rules.min_slices_per_stack]
+    for number, plan in enumerate(kept, start=1):
+        # A SEG derives from the frames of ONE multi-frame instance (or from single-frame images).
+        multi = {r.sop_instance_uid for r in plan.instances if r.frame_number is not None}
+        if multi and (len(multi) > 1 or any(r.frame_number is None for r in plan.instances)):
+            return reject(f"stack {number} takes its slices from {len(multi)} multi-frame instance(s)"
+                          f"{' and single-frame images' if any(r.frame_number is None for r in plan.instances) else ''}"
+                          ": a SEG can reference the frames of one multi-frame instance only (not supported)")
     if not kept:
         longest = max(len(p.instances) for p in plans)
         return reject(f"too few slices: longest stack has {longest}, need at least {rules.min_slices_per_stack}")
