@@ -18,7 +18,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicom_validators import dciodvfy_errors, dcmqi_read_seg, dcmqi_read_sr
+from dicom_validators import dciodvfy_errors, dcmjs_read, dcmqi_read_seg, dcmqi_read_sr
 from enhanced_mr_studies import legacy_converted, write_real_enhanced_study
 from paraspinal.dicom_index import index_folder
 from paraspinal.dicom_outputs import build_measurement_report, build_segmentation
@@ -150,6 +150,21 @@ def test_dcmqi_reads_the_enhanced_source_seg_and_sr(enhanced, enhanced_outputs, 
     assert {"stack 1 erector spinae right", "stack 2 multifidus left"} <= ids
 
 
+def test_dcmjs_places_the_seg_on_the_source_frames_as_ohif_does(enhanced, enhanced_outputs):
+    """dcmjs' Cornerstone adapter with the multi-frame source split into per-frame image ids (as
+    cornerstone's WADO loader names frames): every voxel lands on its frame, stack by stack."""
+    folder = enhanced_outputs["folder"]
+    for (stack, seg_result, _), labels in zip(enhanced_outputs["results"], enhanced["written"].stack_labels):
+        adapter = dcmjs_read(folder / f"seg{stack.index}.dcm", source_paths=[enhanced["written"].t2_path])["seg"][
+            "adapter"]
+        assert adapter["decoded"], adapter
+        assert len(adapter["perImage"]) == stack.n_slices  # the other stack's frames are not this display set
+        for value, number in seg_result.segment_numbers.items():
+            assert adapter["voxelCounts"][str(number)] == int((labels == value).sum())
+            per_slice = [image["voxelCounts"].get(str(number), 0) for image in adapter["perImage"]]
+            assert per_slice == [int(n) for n in (labels == value).sum(axis=(1, 2))]
+
+
 def test_sr_slice_groups_reference_the_source_frame(enhanced_outputs):
     sr = pydicom.dcmread(enhanced_outputs["folder"] / "sr.dcm")
     frames_by_stack = {s.index: set(s.frame_numbers) for s, _, _ in enhanced_outputs["results"]}
@@ -231,3 +246,19 @@ def test_frame_headers_prefer_per_frame_values_over_shared_ones(tmp_path, real_d
     assert [float(v) for v in frames[3].PixelSpacing] != [0.5, 0.5]
     assert [int(f.InstanceNumber) for f in frames] == list(range(1, 30))
     assert int(converted.InstanceNumber) == 1  # the instance's own elements are never changed
+
+
+def test_a_stack_spread_over_several_multi_frame_instances_is_refused_with_its_reason(tmp_path, real_data, config):
+    classic = real_case_series("myosegmentum_tum01", tmp_path / "classic", data_dir=real_data)
+    datasets = [pydicom.dcmread(p) for p in classic.paths]
+    series_uid = hd.UID()
+    (tmp_path / "split").mkdir()
+    for number, part in enumerate((datasets[:15], datasets[15:]), start=1):
+        hd.legacy.LegacyConvertedEnhancedMRImage(part, series_instance_uid=series_uid, series_number=3,
+                                                 sop_instance_uid=hd.UID(), instance_number=number
+                                                 ).save_as(tmp_path / "split" / f"mf{number}.dcm",
+                                                           enforce_file_format=True)
+    (study,) = index_folder(tmp_path / "split").studies.values()
+    (decision,) = select_series(study, config.selection).decisions
+    assert not decision.accepted
+    assert "stack 1 takes its slices from 2 multi-frame instance(s)" in decision.reason, decision.reason
