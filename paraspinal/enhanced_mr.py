@@ -56,6 +56,10 @@ FUNCTIONAL_GROUP_OF = {
     "EchoTime": "MREchoSequence (EffectiveEchoTime)",
     "ImageType": "MRImageFrameTypeSequence (FrameType)",
 }
+#: Functional group macros that must hold exactly one item (PS3.3 C.7.6.16.2 and C.8.13.5).
+_SINGLE_ITEM_MACROS = {"PlanePositionSequence", "PlaneOrientationSequence", "PixelMeasuresSequence",
+                       "MRTimingAndRelatedParametersSequence", "MREchoSequence", "MRImageFrameTypeSequence",
+                       "PixelValueTransformationSequence", "FrameContentSequence"}
 #: Functional group sequences whose items reference other instances: never flattened (their
 #: ReferencedSOPInstanceUID would pose as the frame's own attributes).
 _NOT_FLATTENED = {"ReferencedImageSequence", "DerivationImageSequence", "ConversionSourceAttributesSequence",
@@ -94,7 +98,7 @@ def _flatten_group(target: Dataset, group: Dataset, where: str) -> None:
         items = element.value
         if not items:
             continue
-        if len(items) != 1 and element.keyword in FUNCTIONAL_GROUP_OF.values():
+        if len(items) != 1 and element.keyword in _SINGLE_ITEM_MACROS:
             raise FunctionalGroupError(f"{where} > {element.keyword} has {len(items)} items, expected 1")
         for inner in items[0]:
             if inner.VR != "SQ":
