@@ -4,6 +4,8 @@ that the SR, the CSV and the PDF say how it was measured."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from dicom_validators import dciodvfy_errors, dcmqi_read_sr
 from paraspinal.dicom_index import index_folder
 from paraspinal.dicom_outputs import build_measurement_report, build_segmentation
 from paraspinal.quantification import eroded_in_plane, measure_stack, pdff_in_mask
-from paraspinal.report_pdf import pdff_erosion_text
+from paraspinal.report_pdf import ReportContext, ReportStack, render_report_pdf
 from paraspinal.results_folder import measurement_rows
 from paraspinal.series_selection import select_series
 from paraspinal.stacks import load_stack
@@ -110,15 +112,21 @@ def test_sr_names_the_erosion_in_its_method_and_carries_the_median(eroded_report
         assert items == {"": pytest.approx(m.pdff_pct), "Median": pytest.approx(m.pdff_median_pct)}
 
 
-def test_csv_and_pdf_state_the_erosion(eroded_report):
+def test_csv_and_pdf_state_the_erosion(eroded_report, bundle):
     found = [m for m in eroded_report["measures"] if m.found]
     rows = measurement_rows("1.2.3", [{"series_instance_uid": "1.2.4",
                                         "measurements": [dataclasses.asdict(m) for m in found]}])
     first = rows[0]
     assert (first["pdff_erosion_voxels"], first["pdff_voxels"], first["pdff_median_pct"]) == (
         2, found[0].pdff_voxels, found[0].pdff_median_pct)
-
-    class _Stack:  # the report's per-stack view: only its measurements are read here
-        measurements = found
-
-    assert pdff_erosion_text([_Stack()]) == "mean in each muscle mask eroded in-plane by 2 voxels, away from its edge"
+    if shutil.which("pdftotext") is None:
+        pytest.skip("poppler-utils (pdftotext) not installed")
+    ctx = ReportContext(bundle.name, bundle.version, bundle.weights_sha256, "signal_fraction", "none", "0.1.0")
+    stack = eroded_report["stack"]
+    path = eroded_report["root"] / "report.pdf"
+    path.write_bytes(render_report_pdf(stack.datasets[0], [ReportStack(stack, eroded_report["labels"],
+                                                                       eroded_report["measures"])],
+                                       bundle.labels, ctx))
+    text = " ".join(subprocess.run(["pdftotext", "-layout", "-f", "1", "-l", "1", str(path), "-"],
+                                   capture_output=True, text=True, check=True).stdout.split())
+    assert "mean in each muscle mask eroded in-plane by 2 voxels" in text
