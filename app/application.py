@@ -58,7 +58,8 @@ class ParaspinalMuscleApp(Application):
         selector = SeriesSelectorOperator(self, rules=cfg.selection, name="selector")
         preprocess = PreprocessOperator(self, bundle=bundle, name="preprocess")
         segment = SegmentationOperator(self, bundle=bundle, name="segmentation")
-        quantify = QuantificationOperator(self, bundle=bundle, settings=cfg.quantification, name="quantification")
+        quantify = QuantificationOperator(self, bundle=bundle, settings=cfg.quantification, quality=cfg.quality,
+                                          name="quantification")
         seg_writer = SegWriterOperator(self, bundle=bundle, settings=cfg.output, name="seg_writer")
         sr_writer = SRWriterOperator(self, bundle=bundle, settings=cfg.output, name="sr_writer")
         report = ReportOperator(self, bundle=bundle, settings=cfg.output, quantification=cfg.quantification,

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import yaml
 
 # The settings domain code reads live beside it (paraspinal never imports app); re-exported here.
+from paraspinal.quality import QualityError, QualitySettings
 from paraspinal.settings import RESEARCH_USE_STATEMENT, OutputSettings, SelectionRules  # noqa: F401
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -152,6 +153,7 @@ class Config:
     quantification: QuantificationSettings
     output: OutputSettings
     node: NodeSettings
+    quality: QualitySettings = field(default_factory=QualitySettings)
     source: tuple[str, ...] = field(default=())  # files and env keys it was built from
 
 
@@ -227,6 +229,26 @@ def _build(cls: type, section: str, values: Mapping[str, Any], base_dir: Path) -
     return cls(**kwargs)
 
 
+def _build_quality(values: Mapping[str, Any]) -> QualitySettings:
+    """The ``quality`` section (thresholds of the review flag, :mod:`paraspinal.quality`)."""
+    known = {f.name for f in fields(QualitySettings)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"[quality] unknown key(s): {', '.join(sorted(unknown))}")
+    kwargs: dict[str, Any] = {}
+    try:
+        for name, value in values.items():
+            if name == "max_csa_range_mm2":
+                if not isinstance(value, Mapping):
+                    raise ValueError(f"{value!r} is not a mapping of muscle -> [low, high]")
+                kwargs[name] = {str(m): (float(b[0]), float(b[1])) for m, b in value.items()}
+            else:
+                kwargs[name] = float(value)
+        return QualitySettings(**kwargs)
+    except (TypeError, ValueError, IndexError, QualityError) as exc:
+        raise ConfigError(f"[quality] {exc}") from exc
+
+
 def load_config(
     site_file: str | os.PathLike | None = None,
     environ: Mapping[str, str] | None = None,
@@ -260,5 +282,6 @@ def load_config(
         quantification=_build(QuantificationSettings, "quantification", raw["quantification"], base),
         output=_build(OutputSettings, "output", raw["output"], base),
         node=_build(NodeSettings, "node", raw["node"], base),
+        quality=_build_quality(raw.get("quality") or {}),
         source=tuple(sources + used),
     )

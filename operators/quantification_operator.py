@@ -5,6 +5,7 @@ from __future__ import annotations
 from monai.deploy.core import Fragment
 
 from app.config import QuantificationSettings
+from paraspinal.quality import QualitySettings
 from operators.study_stage import StudyStageOperator
 from paraspinal.dixon import DixonPair, find_dixon_pair, pdff_on_stack
 from paraspinal.levels import POSITION_NOTE, SliceLevels, StudyLevelSources, determine_levels
@@ -22,6 +23,9 @@ class QuantificationOperator(StudyStageOperator):
     frame of reference (:mod:`paraspinal.levels`); without one, or when it cannot be used, slices
     are reported by position, and an error there costs only the levels, not the study.
 
+    Each muscle also gets its quality control (:mod:`paraspinal.quality`): the outline uncertainty
+    from the segmentation and plausibility checks, combined into a "review recommended" flag.
+
     A study in which no muscle is found at all ends as ``no_suitable_series``: the images were
     accepted by the rules but show no lumbar paraspinal muscle (wrong anatomy or failed model).
 
@@ -32,9 +36,10 @@ class QuantificationOperator(StudyStageOperator):
     stage = "quantification"
 
     def __init__(self, fragment: Fragment, *args, bundle: ModelBundle, settings: QuantificationSettings,
-                 **kwargs) -> None:
+                 quality: QualitySettings | None = None, **kwargs) -> None:
         self.bundle = bundle
         self.settings = settings
+        self.quality = quality or QualitySettings()
         super().__init__(fragment, *args, **kwargs)
 
     def _pdff(self, job: StudyJob, work: StackWork, pairs: dict[str, tuple[DixonPair | None, str]]):
@@ -77,6 +82,7 @@ class QuantificationOperator(StudyStageOperator):
                                               self.settings.fat_method, self.settings.min_muscle_voxels,
                                               bias_correction=self.settings.bias_correction, pdff=pdff,
                                               pdff_source=source, levels=self._levels(job, work, level_sources),
+                                              uncertainty=work.uncertainty, quality=self.quality,
                                               pdff_erosion_voxels=self.settings.pdff_erosion_voxels)
         if not any(m.found for w in job.stacks for m in w.measurements):
             job.status = JobStatus.NO_SUITABLE_SERIES

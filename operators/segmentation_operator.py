@@ -7,7 +7,7 @@ from monai.deploy.core import Fragment
 
 from operators.study_stage import StudyStageOperator
 from paraspinal.model_bundle import ModelBundle
-from paraspinal.segmentation import segment_stack
+from paraspinal.segmentation import segment_stack_with_uncertainty
 from paraspinal.study_job import StudyJob
 
 
@@ -16,7 +16,8 @@ class SegmentationOperator(StudyStageOperator):
     loaded once per process by :func:`paraspinal.model_bundle.load_bundle`.
 
     Input/Output:
-        study: StudyJob (each stack's ``labels`` filled, (slice, row, col) uint8)
+        study: StudyJob (each stack's ``labels`` filled, (slice, row, col) uint8, and its per-slice
+            ``uncertainty`` for the quality control)
     """
 
     stage = "inference"
@@ -27,7 +28,7 @@ class SegmentationOperator(StudyStageOperator):
 
     def process(self, job: StudyJob) -> None:
         for work in job.stacks:
-            work.labels = segment_stack(work.volume, self.bundle, work.model_input)
+            work.labels, work.uncertainty = segment_stack_with_uncertainty(work.volume, self.bundle, work.model_input)
             work.model_input = None  # release model-space copies early
             found = [int(v) for v in np.unique(work.labels) if v]
             self._logger.info("study %s stack %d: %d slices on %s, labels %s", job.study_uid,

@@ -23,6 +23,7 @@ from pydicom.sr.codedict import codes
 
 from paraspinal.enhanced_mr import seg_source_arguments, source_key
 from paraspinal.model_bundle import Code, LabelInfo, ModelBundle
+from paraspinal.quality import CHECKS
 from paraspinal.fat_methods import fat_method
 from paraspinal.levels import spine_level
 from paraspinal.quantification import LevelMeasure, MuscleMeasurement
@@ -45,7 +46,8 @@ def stable_uid(*parts: str) -> str:
 
 def content_key(measurements: Iterable[MuscleMeasurement]) -> str:
     """SHA-256 (hex) of what decides an SR's or report's content besides the source images and the
-    weights: fat method, bias correction, Dixon series and lumbar-level sources used.
+    weights: fat method, bias correction, Dixon series and lumbar-level sources used, and the review
+    flags (their thresholds are configuration).
 
     Part of the SR and report UIDs: re-analysing the same input the same way gives the same UIDs
     (a resend is idempotent at the PACS), while a new level SEG or another fat method gives new
@@ -59,6 +61,8 @@ def content_key(measurements: Iterable[MuscleMeasurement]) -> str:
             parts.add("dixon:" + json.dumps(m.pdff_source, sort_keys=True, default=str))
         for source in m.level_sources:
             parts.add(f"level:{source.get('sop_instance_uid', '')}")
+        if m.quality is not None:
+            parts.add(f"qc:{m.stack_index}:{m.label}:{','.join(m.quality.checks)}")
     return hashlib.sha256("\x00".join(sorted(parts)).encode()).hexdigest()
 
 
@@ -155,6 +159,14 @@ GOUTALLIER_VALUES = {
     "moderate": hd.sr.CodedConcept("GOUT2", PRIVATE_SCHEME, "Moderate fatty infiltration (10-50 %)"),
     "severe": hd.sr.CodedConcept("GOUT34", PRIVATE_SCHEME, "Severe fatty infiltration (> 50 %)"),
 }
+# Quality control (paraspinal.quality): the review flag, each check that fired, and the outline
+# uncertainty, in every muscle's volumetric group (TID 1419 qualitative evaluations).
+REVIEW_RECOMMENDED = hd.sr.CodedConcept("REVIEWREC", PRIVATE_SCHEME, "Review recommended")
+REVIEW_REASON = hd.sr.CodedConcept("REVIEWWHY", PRIVATE_SCHEME, "Reason for review")
+REVIEW_REASONS = {key: hd.sr.CodedConcept(f"QC{key.upper().replace('_', '')}"[:16], PRIVATE_SCHEME, text)
+                  for key, text in CHECKS.items()}
+OUTLINE_UNCERTAINTY = hd.sr.CodedConcept("OUTLINEUNC", PRIVATE_SCHEME, "Outline uncertainty")
+UNIT_RATIO = hd.sr.CodedConcept("1", "UCUM", "no units")
 DIXON_PDFF_METHOD = hd.sr.CodedConcept("DIXONPDFF", PRIVATE_SCHEME, "Dixon proton density fat fraction F/(W+F)")
 UNIT_MM2 = hd.sr.CodedConcept("mm2", "UCUM", "square millimeter")
 UNIT_CM2 = hd.sr.CodedConcept("cm2", "UCUM", "square centimeter")
@@ -347,6 +359,9 @@ def _measurement_group(seg: SegmentationResult, stack: StackVolume, m: MuscleMea
     evaluations = []
     if m.goutallier_grade in GOUTALLIER_VALUES:
         evaluations.append(hd.sr.QualitativeEvaluation(GOUTALLIER_GRADE, GOUTALLIER_VALUES[m.goutallier_grade]))
+    measurements_qc, evaluations_qc = _quality_items(m, algorithm)
+    measurements += measurements_qc
+    evaluations += evaluations_qc
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=stable_uid(stack.series_uid, str(stack.index), bundle.weights_sha256, "group", str(info.value)),
@@ -360,6 +375,22 @@ def _measurement_group(seg: SegmentationResult, stack: StackVolume, m: MuscleMea
         measurements=measurements,
         qualitative_evaluations=evaluations or None,
     )
+
+
+def _quality_items(m: MuscleMeasurement, algorithm: hd.sr.AlgorithmIdentification
+                   ) -> tuple[list[hd.sr.Measurement], list[hd.sr.QualitativeEvaluation]]:
+    """The muscle's quality control as SR content: "Review recommended" yes/no, one "Reason for
+    review" per check that fired, and the outline uncertainty (0..1, UCUM "1")."""
+    if m.quality is None:
+        return [], []
+    evaluations = [hd.sr.QualitativeEvaluation(REVIEW_RECOMMENDED,
+                                               codes.SCT.Yes if m.quality.review_recommended else codes.SCT.No)]
+    evaluations += [hd.sr.QualitativeEvaluation(REVIEW_REASON, REVIEW_REASONS[key]) for key in m.quality.checks]
+    measurements = []
+    if m.quality.uncertainty is not None:
+        measurements.append(hd.sr.Measurement(name=OUTLINE_UNCERTAINTY, value=m.quality.uncertainty, unit=UNIT_RATIO,
+                                              algorithm_id=algorithm))
+    return measurements, evaluations
 
 
 def _level_group(seg: SegmentationResult, stack: StackVolume, m: MuscleMeasurement, info: LabelInfo,

@@ -109,6 +109,9 @@ class ModelBundle:
     device: torch.device
     weights_sha256: str
     lock: threading.Lock
+    #: average the prediction with that of the left-right mirrored slice (labels swapped back);
+    #: from ``inference.test_time_mirror`` in the metadata (off for bundles without it).
+    test_time_mirror: bool = False
 
     def label(self, value: int) -> LabelInfo:
         for info in self.labels:
@@ -265,6 +268,7 @@ def _load_cached(bundle_dir: str, device: str) -> ModelBundle:
         device=torch_device,
         weights_sha256=_sha256(weights),
         lock=threading.Lock(),
+        test_time_mirror=bool(metadata.get("inference", {}).get("test_time_mirror", False)),
     )
 
 

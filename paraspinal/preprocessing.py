@@ -36,14 +36,16 @@ def as_metatensor(volume: np.ndarray, affine_ras: np.ndarray) -> MetaTensor:
 
 
 def model_space_transforms(spec: PreprocessingSpec, keys: tuple[str, ...] = ("image",),
-                           label_keys: tuple[str, ...] = ()) -> Compose:
+                           label_keys: tuple[str, ...] = (), raw_keys: tuple[str, ...] = ()) -> Compose:
     """Invertible transforms from a source volume to the model space.
 
     ``keys`` are intensity images (bilinear, z-scored); ``label_keys`` are label maps
-    (nearest neighbour, not normalised). Spacing keeps the slice axis (non-positive pixdim).
+    (nearest neighbour, not normalised); ``raw_keys`` are intensity images resampled like
+    ``keys`` but left in their own units (training mixes Dixon water and fat from them).
+    Spacing keeps the slice axis (non-positive pixdim).
     """
-    all_keys = tuple(keys) + tuple(label_keys)
-    modes = ["bilinear"] * len(keys) + ["nearest"] * len(label_keys)
+    all_keys = tuple(keys) + tuple(raw_keys) + tuple(label_keys)
+    modes = ["bilinear"] * (len(keys) + len(raw_keys)) + ["nearest"] * len(label_keys)
     return Compose(
         [
             Orientationd(keys=all_keys, axcodes=spec.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),

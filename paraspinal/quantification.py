@@ -39,6 +39,7 @@ slices at that level that hold the muscle (:class:`LevelMeasure`):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -46,7 +47,11 @@ from paraspinal.fat_methods import FAT_METHODS, FatResult, n4_bias_correct, sepa
 from paraspinal.fat_methods import fat_method as lookup_fat_method
 from paraspinal.levels import SliceLevels, determine_levels, level_sort_key, spine_level
 from paraspinal.model_bundle import LabelInfo
+from paraspinal.quality import MuscleQuality, QualitySettings, assess_muscle
 from paraspinal.stacks import StackVolume
+
+if TYPE_CHECKING:  # the segmentation module pulls in torch and MONAI
+    from paraspinal.segmentation import SliceUncertainty
 
 __all__ = ["FAT_METHODS", "BIAS_CORRECTIONS", "GOUTALLIER_GRADES", "LevelMeasure", "MuscleMeasurement",
            "asymmetry_index", "eroded_in_plane", "goutallier_grade", "level_measures", "measure_stack", "pdff_in_mask"]
@@ -133,6 +138,7 @@ class MuscleMeasurement:
     level_measures: list[LevelMeasure] = field(default_factory=list)
     pdff_source: dict | None = None
     fat_method_details: dict = field(default_factory=dict)
+    quality: MuscleQuality | None = None
 
     @property
     def name(self) -> str:
@@ -177,7 +183,8 @@ def _details(result: FatResult, label: int) -> dict:
 def measure_stack(stack: StackVolume, labels: np.ndarray, label_table: tuple[LabelInfo, ...],
                   fat_method: str = "otsu", min_voxels: int = 20, *, bias_correction: str = "none",
                   pdff: np.ndarray | None = None, pdff_source: dict | None = None,
-                  levels: SliceLevels | None = None, pdff_erosion_voxels: int = 0) -> list[MuscleMeasurement]:
+                  levels: SliceLevels | None = None, uncertainty: SliceUncertainty | None = None,
+                  quality: QualitySettings | None = None, pdff_erosion_voxels: int = 0) -> list[MuscleMeasurement]:
     """Measure every label of ``label_table`` in one stack.
 
     Args:
@@ -190,6 +197,9 @@ def measure_stack(stack: StackVolume, labels: np.ndarray, label_table: tuple[Lab
         pdff: optional Dixon PDFF (0..1, NaN unknown) on the stack's grid.
         pdff_source: where ``pdff`` came from (series UIDs), carried into the results.
         levels: per-slice lumbar levels; default: unknown (reported by slice position).
+        uncertainty: per-slice outline uncertainty from the segmentation, for the quality
+            control (:mod:`paraspinal.quality`); without it the checks use the outlines only.
+        quality: quality-control thresholds (defaults of :class:`QualitySettings` when omitted).
         pdff_erosion_voxels: the PDFF is measured in each muscle's mask eroded in-plane by this
             many voxels (0: the whole mask); see :func:`eroded_in_plane`.
     """
@@ -248,7 +258,22 @@ def measure_stack(stack: StackVolume, labels: np.ndarray, label_table: tuple[Lab
             result.level_measures = level_measures(result)
         results.append(result)
     _set_asymmetry(results)
+    _set_quality(results, labels, uncertainty, quality or QualitySettings())
     return results
+
+
+def _set_quality(results: list[MuscleMeasurement], labels: np.ndarray, uncertainty: SliceUncertainty | None,
+                 settings: QualitySettings) -> None:
+    """The review flag of every muscle (:func:`paraspinal.quality.assess_muscle`)."""
+    by_key = {(m.muscle, m.side): m for m in results}
+    for m in results:
+        other = by_key.get((m.muscle, {"right": "left", "left": "right"}.get(m.side, "")))
+        m.quality = assess_muscle(
+            muscle=m.muscle, side=m.side, found=m.found, contralateral_found=None if other is None else other.found,
+            labels_mask=labels == m.label, slice_csa_mm2=m.slice_csa_mm2, max_csa_mm2=m.max_csa_mm2,
+            asymmetry_index_pct=m.asymmetry_index_pct,
+            mirror_disagreement=uncertainty.mirror_disagreement.get(m.label, []) if uncertainty else [],
+            entropy=uncertainty.entropy.get(m.label, []) if uncertainty else [], settings=settings)
 
 
 def level_measures(m: MuscleMeasurement) -> list[LevelMeasure]:

@@ -187,8 +187,22 @@ def _summary_rows(stacks: list[ReportStack], held_out_dice: dict[int, float]) ->
             rows.append([str(s.volume.index), m.muscle, SHORT_SIDE.get(m.side, m.side), _fmt(m.volume_cm3, 1),
                          _fmt(m.mean_csa_mm2 / 100.0, 2), _fmt(m.max_csa_mm2 / 100.0, 2), _fmt(m.fat_fraction_pct, 1),
                          _fmt(m.pdff_pct, 1), m.goutallier_grade or "-", _fmt(m.asymmetry_index_pct, 1),
-                         NOT_EVALUATED if dice is None else f"{dice:.2f}"])
+                         NOT_EVALUATED if dice is None else f"{dice:.2f}", _review_cell(m)])
     return rows
+
+
+def _review_cell(m: MuscleMeasurement) -> str:
+    """The summary table's quality-control cell: REVIEW or ok, with the outline uncertainty."""
+    if m.quality is None:
+        return "-"
+    flag = "REVIEW" if m.quality.review_recommended else "ok"
+    return flag if m.quality.uncertainty is None else f"{flag} ({m.quality.uncertainty:.2f})"
+
+
+def review_lines(stacks: list[ReportStack]) -> list[str]:
+    """One line per muscle flagged for review (any stack, found or not): who and why."""
+    return [f"Stack {s.volume.index}, {m.muscle} {m.side}: {'; '.join(m.quality.reasons)}"
+            for s in stacks for m in s.measurements if m.quality is not None and m.quality.review_recommended]
 
 
 def _combined(stacks: list[ReportStack]) -> dict[tuple[str, str], dict]:
@@ -289,8 +303,9 @@ def _summary_page(pdf, source: Dataset, stacks: list[ReportStack], labels: tuple
         fig.text(0.25, y, "\n".join(wrapped), fontsize=8, va="top", linespacing=1.3)
         y -= 0.0165 * len(wrapped) + 0.006
     columns = ["stack", "muscle", "side", "volume\ncm³", "mean CSA\ncm²", "max CSA\ncm²", "fat\nfraction %",
-               "Dixon\nPDFF %", "Goutallier\n(simplified)", "L/R asym.\n% (volume)", "model Dice\n(held-out)"]
-    widths = [0.05, 0.16, 0.045, 0.075, 0.08, 0.08, 0.08, 0.075, 0.11, 0.09, 0.115]
+               "Dixon\nPDFF %", "Goutallier\n(simplified)", "L/R asym.\n% (volume)", "model Dice\n(held-out)",
+               "QC (outline\nuncertainty)"]
+    widths = [0.045, 0.15, 0.04, 0.07, 0.075, 0.075, 0.075, 0.07, 0.1, 0.08, 0.1, 0.11]
     rows = _summary_rows(stacks, ctx.held_out_dice)
     row_h = 0.021
     height = row_h * (len(rows) + 2)
@@ -300,7 +315,7 @@ def _summary_page(pdf, source: Dataset, stacks: list[ReportStack], labels: tuple
     table = ax.table(cellText=rows, colLabels=columns, colWidths=[w / sum(widths) for w in widths],
                      loc="upper center", cellLoc="center", bbox=[0, 0, 1, 1])
     table.auto_set_font_size(False)
-    table.set_fontsize(7.5)
+    table.set_fontsize(7.0)
     colours = {info.value: tuple(c / 255.0 for c in info.color_rgb) for info in labels}
     for (r, c), cell in table.get_celld().items():
         cell.set_linewidth(0.3)
@@ -311,6 +326,16 @@ def _summary_page(pdf, source: Dataset, stacks: list[ReportStack], labels: tuple
                           if m.found and m.muscle == rows[r - 1][1] and SHORT_SIDE.get(m.side) == rows[r - 1][2]), None)
             if label in colours:
                 cell.set_facecolor((*colours[label], 0.35))
+        elif c == len(columns) - 1 and rows[r - 1][c].startswith("REVIEW"):
+            cell.set_facecolor("#ffd9d9")
+            cell.get_text().set_weight("bold")
+    flagged = review_lines(stacks)
+    if flagged:
+        y -= height + 0.012
+        text = "\n".join(line for entry in ["Review recommended (quality control):"] + flagged
+                         for line in textwrap.wrap(entry, 120))
+        fig.text(0.06, y, text, fontsize=7.2, va="top", color="#900000", linespacing=1.3)
+        height = 0.0125 * (text.count("\n") + 1)
     y -= height + 0.05
     chart_bottom = 0.17
     ax2 = fig.add_axes([0.1, chart_bottom, 0.84, max(0.2, min(0.38, y - chart_bottom))])
@@ -321,7 +346,10 @@ def _summary_page(pdf, source: Dataset, stacks: list[ReportStack], labels: tuple
              "(< 10 % normal/mild, 10-50 % moderate, > 50 % severe). Asymmetry index: |R - L| / mean(R, L) of "
              "the two sides' volumes. Model Dice: the segmentation model's agreement with manual masks on held-out "
              f"real data (model card); '{NOT_EVALUATED}': no real-data accuracy figure exists for that muscle, so its "
-             "outline and numbers need particular care."] + list(ctx.notes)
+             "outline and numbers need particular care. QC: REVIEW when the outline is uncertain (the number, 0-1: "
+             "disagreement between the model's prediction on the slice and on its mirror image) or implausible "
+             "(left-right asymmetry, area outside an adult range, pieces, gaps, one side only); key images of the "
+             "most uncertain slices follow the level images."] + list(ctx.notes)
     text = "\n".join(line for note in notes for line in textwrap.wrap(note, 125))
     fig.text(0.06, 0.12, text, fontsize=6.8, va="top", linespacing=1.3)
     _footer(fig, page, total, generated)
@@ -382,7 +410,29 @@ def _band_panels(stacks: list[ReportStack]) -> list[tuple]:
             areas = [(s.labels[k] > 0).sum() for k in band]
             key = band[int(np.argmax(areas))]
             panels.append((s, key, band, z, levels, title))
-    return panels
+    return panels + _review_panels(stacks)
+
+
+MAX_REVIEW_PANELS = 6
+
+
+def _review_panels(stacks: list[ReportStack]) -> list[tuple]:
+    """Key images for review: the most uncertain slice of each muscle flagged as uncertain
+    (most uncertain first, at most MAX_REVIEW_PANELS)."""
+    picks = []
+    for s in stacks:
+        z = next((m.slice_z_mm for m in s.measurements), [])
+        levels = next((m.slice_level for m in s.measurements), [])
+        for m in s.measurements:
+            q = m.quality
+            if q is None or not q.review_recommended or not q.uncertain_slices:
+                continue
+            key = max(q.uncertain_slices, key=lambda k: q.slice_uncertainty[k] or 0.0)
+            title = f"review {m.muscle} {SHORT_SIDE.get(m.side, m.side)}, its most uncertain slice " \
+                    f"({q.uncertainty_kind} {q.slice_uncertainty[key]:.2f})"
+            picks.append((q.slice_uncertainty[key] or 0.0, (s, key, [key], z, levels, title)))
+    picks.sort(key=lambda pair: -pair[0])
+    return [panel for _, panel in picks[:MAX_REVIEW_PANELS]]
 
 
 def _levels_determined(stacks: list[ReportStack]) -> bool:

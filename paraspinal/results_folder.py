@@ -9,7 +9,9 @@ people: status (done / no_suitable_series / failed), reason, series decisions, o
 ``measurements.csv`` has one row per muscle, side and stack (``level`` empty: the whole stack),
 followed, where lumbar levels were determined, by one row per level holding the muscle
 (``level`` "L4/L5" or "L4": mean CSA, fat fraction, PDFF and slice count over the slices at that
-level; volume and maximum CSA empty).
+level; volume and maximum CSA empty). Each row carries the muscle's quality control
+(``review_recommended`` yes/no, ``review_reasons``, ``outline_uncertainty`` 0..1; see
+:mod:`paraspinal.quality`); ``result.json`` lists the muscles flagged for review.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ MEASUREMENT_COLUMNS = [
     "study_instance_uid", "series_instance_uid", "stack", "label", "muscle", "side", "level", "found",
     "volume_cm3", "mean_csa_mm2", "max_csa_mm2", "fat_fraction_pct", "fat_method", "bias_correction",
     "goutallier_grade", "asymmetry_index_pct", "pdff_pct", "pdff_median_pct", "pdff_voxels", "pdff_erosion_voxels",
-    "n_slices_with_muscle", "level_method", "model_held_out_dice",
+    "n_slices_with_muscle", "level_method", "model_held_out_dice", "review_recommended", "review_reasons",
+    "outline_uncertainty",
 ]
 
 
@@ -84,12 +87,14 @@ def measurement_rows(study_uid: str, stacks: list[dict[str, Any]],
                 "n_slices_with_muscle": sum(1 for v in m["slice_csa_mm2"] if v > 0),
                 "level_method": m.get("level_method", ""),
                 "model_held_out_dice": held_out_dice.get(str(m["label"]), ""),
+                **_quality_columns(m.get("quality")),
             })
             for lm in m.get("level_measures") or []:
                 rows.append({
                     **{key: rows[-1][key] for key in ("study_instance_uid", "series_instance_uid", "stack", "label",
                                                       "muscle", "side", "found", "fat_method", "bias_correction",
-                                                      "model_held_out_dice")},
+                                                      "model_held_out_dice", "review_recommended",
+                                                      "review_reasons", "outline_uncertainty")},
                     "level": lm["level"],
                     "volume_cm3": "",
                     "mean_csa_mm2": lm["mean_csa_mm2"],
@@ -105,6 +110,23 @@ def measurement_rows(study_uid: str, stacks: list[dict[str, Any]],
                     "level_method": m.get("level_method", ""),
                 })
     return rows
+
+
+def _quality_columns(quality: dict[str, Any] | None) -> dict[str, Any]:
+    """The review flag's CSV columns (``paraspinal.quality.MuscleQuality`` as a dict)."""
+    if not quality:
+        return {"review_recommended": "", "review_reasons": "", "outline_uncertainty": ""}
+    return {"review_recommended": "yes" if quality["review_recommended"] else "no",
+            "review_reasons": "; ".join(quality["reasons"]),
+            "outline_uncertainty": "" if quality.get("uncertainty") is None else quality["uncertainty"]}
+
+
+def review_summary(stacks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The muscles flagged for review (for result.json): stack, muscle, side and reasons."""
+    return [{"stack": m["stack_index"], "muscle": m["muscle"], "side": m["side"],
+             "reasons": list(m["quality"]["reasons"])}
+            for stack in stacks for m in stack["measurements"]
+            if (m.get("quality") or {}).get("review_recommended")]
 
 
 def rows_to_csv(rows: list[dict[str, Any]]) -> str:
@@ -141,6 +163,8 @@ def write_results_folder(out_dir: Path, study_uid: str, result: dict[str, Any],
         _fsync_write(staging / "measurements.csv", rows_to_csv(rows).encode())
         outputs += ["measurements.json", "measurements.csv"]
     result = dict(result, outputs=outputs, research_use=RESEARCH_USE_STATEMENT)
+    if measurements is not None:
+        result["review_recommended"] = review_summary(measurements["stacks"])
     _fsync_write(staging / "result.json", json.dumps(result, indent=2).encode())
     if final.exists():
         old = out_dir / f".superseded-{study_uid}-{os.getpid()}"

@@ -63,8 +63,74 @@ class _SliceNetwork(torch.nn.Module):
         return self.network(x[..., 0]).unsqueeze(-1)
 
 
+@dataclass
+class SliceUncertainty:
+    """Per-slice outline uncertainty of each label, in the source stack's slice order.
+
+    Attributes:
+        mirror_disagreement: label -> one value per source slice: 1 - Dice between the arg-max
+            of the plain and of the mirrored (label-swapped) prediction on that slice (0: the two
+            agree exactly, 1: no overlap); ``None`` where neither predicts the label, and for
+            every slice when the bundle does not use test-time mirroring.
+        entropy: label -> mean normalised predictive entropy (0..1) of the final probabilities
+            inside the predicted label on that slice; ``None`` where it is not predicted.
+    """
+
+    mirror_disagreement: dict[int, list[float | None]]
+    entropy: dict[int, list[float | None]]
+
+
+def _side_partner_permutation(bundle: ModelBundle) -> list[int]:
+    """Channel order that swaps every right label with its left partner (background stays 0)."""
+    perm = list(range(bundle.num_classes))
+    by_key = {(info.muscle, info.side): info.value for info in bundle.labels}
+    for info in bundle.labels:
+        other = {"right": "left", "left": "right"}.get(info.side)
+        if other and (info.muscle, other) in by_key:
+            perm[info.value] = by_key[(info.muscle, other)]
+    return perm
+
+
+def _slice_stats(plain: torch.Tensor, mirrored: torch.Tensor | None, probs: torch.Tensor,
+                 labels: list[int]) -> tuple[dict[int, list[float | None]], dict[int, list[float | None]]]:
+    """Per model-space slice (axis K) statistics of (C, I, J, K) probabilities (see SliceUncertainty)."""
+    num_classes = probs.shape[0]
+    entropy = -(probs.clamp_min(1e-8) * probs.clamp_min(1e-8).log()).sum(0) / float(np.log(num_classes))
+    final = probs.argmax(0)
+    a = plain.argmax(0)
+    b = mirrored.argmax(0) if mirrored is not None else None
+    disagreement: dict[int, list[float | None]] = {}
+    mean_entropy: dict[int, list[float | None]] = {}
+    for c in labels:
+        mask = final == c
+        n = mask.sum((0, 1))
+        h = (entropy * mask).sum((0, 1))
+        mean_entropy[c] = [round(float(h[k] / n[k]), 4) if n[k] > 0 else None for k in range(probs.shape[-1])]
+        if b is None:
+            disagreement[c] = [None] * probs.shape[-1]
+            continue
+        in_a, in_b = a == c, b == c
+        inter = (in_a & in_b).sum((0, 1))
+        total = in_a.sum((0, 1)) + in_b.sum((0, 1))
+        disagreement[c] = [round(1.0 - 2.0 * float(inter[k]) / float(total[k]), 4) if total[k] > 0 else None
+                           for k in range(probs.shape[-1])]
+    return disagreement, mean_entropy
+
+
 def infer_probabilities(model_input: ModelInput, bundle: ModelBundle) -> MetaTensor:
-    """Softmax class probabilities in model space, (C, I, J, K)."""
+    """Softmax class probabilities in model space, (C, I, J, K); averaged with the mirrored,
+    label-swapped prediction when the bundle asks for test-time mirroring."""
+    return infer_with_uncertainty(model_input, bundle)[0]
+
+
+def infer_with_uncertainty(model_input: ModelInput, bundle: ModelBundle) -> tuple[MetaTensor, SliceUncertainty]:
+    """Softmax class probabilities in model space, (C, I, J, K), and their per-slice uncertainty.
+
+    With ``bundle.test_time_mirror`` the network also sees the slice mirrored left-right (voxel
+    axis I of the RAS model space); its right/left channels are swapped back and the two
+    softmax maps averaged. Uncertainty slices are in the source stack's order (the model space
+    may run the other way along the slice axis).
+    """
     spec = bundle.preprocessing
     image = model_input.data["image"]
     inferer = SlidingWindowInferer(
@@ -78,9 +144,35 @@ def infer_probabilities(model_input: ModelInput, bundle: ModelBundle) -> MetaTen
     network = _SliceNetwork(bundle.network)
     with bundle.lock, torch.inference_mode():
         batch = image.as_tensor()[None].to(bundle.device)
-        logits = inferer(batch, network)
-        probs = torch.softmax(logits.float(), dim=1)[0].cpu()
-    return MetaTensor(probs, meta=image.meta, applied_operations=image.applied_operations)
+        plain = torch.softmax(inferer(batch, network).float(), dim=1)[0].cpu()
+        mirrored = None
+        if bundle.test_time_mirror:
+            flipped = torch.softmax(inferer(torch.flip(batch, dims=(2,)), network).float(), dim=1)[0].cpu()
+            mirrored = torch.flip(flipped, dims=(1,))[_side_partner_permutation(bundle)]
+            del flipped
+    probs = plain if mirrored is None else (plain + mirrored) / 2.0
+    disagreement, entropy = _slice_stats(plain, mirrored, probs, [info.value for info in bundle.labels])
+    if _slice_axis_reversed(model_input):
+        disagreement = {c: v[::-1] for c, v in disagreement.items()}
+        entropy = {c: v[::-1] for c, v in entropy.items()}
+    return (MetaTensor(probs, meta=image.meta, applied_operations=image.applied_operations),
+            SliceUncertainty(disagreement, entropy))
+
+
+def _slice_axis_reversed(model_input: ModelInput) -> bool:
+    """True when the model space's slice axis (K) runs against the source stack's slice order
+    (the reorientation to RAS flipped it)."""
+    from monai.utils import TraceKeys
+
+    image = model_input.data["image"]
+    for op in getattr(image, "applied_operations", []):
+        if op.get(TraceKeys.CLASS_NAME) == "Orientation":
+            source = np.asarray(op[TraceKeys.EXTRA_INFO]["original_affine"], dtype=np.float64)
+            break
+    else:
+        return False
+    model = np.asarray(image.affine, dtype=np.float64)
+    return float(np.dot(source[:3, 2], model[:3, 2])) < 0
 
 
 def _argmax_channels(scores: torch.Tensor) -> torch.Tensor:
@@ -243,7 +335,13 @@ def _foreground_candidates(probs: torch.Tensor, grid: torch.Tensor, padding_mode
 
 def segment_stack(stack: StackVolume, bundle: ModelBundle, model_input: ModelInput | None = None) -> np.ndarray:
     """Labels of one stack on its source grid, (slice, row, col), post-processed as the bundle says."""
+    return segment_stack_with_uncertainty(stack, bundle, model_input)[0]
+
+
+def segment_stack_with_uncertainty(stack: StackVolume, bundle: ModelBundle, model_input: ModelInput | None = None
+                                   ) -> tuple[np.ndarray, SliceUncertainty]:
+    """:func:`segment_stack` plus the per-slice outline uncertainty of each label."""
     model_input = model_input or to_model_space(stack, bundle)
-    probs = infer_probabilities(model_input, bundle)
+    probs, uncertainty = infer_with_uncertainty(model_input, bundle)
     labels = labels_on_source_grid(probs, model_input)
-    return postprocess_labels(labels, bundle.postprocessing)
+    return postprocess_labels(labels, bundle.postprocessing), uncertainty

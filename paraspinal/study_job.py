@@ -18,7 +18,7 @@ import numpy as np
 from paraspinal.dicom_index import FileProblem, StudyRecord
 from paraspinal.dicom_outputs import SegmentationResult
 from paraspinal.quantification import MuscleMeasurement
-from paraspinal.segmentation import ModelInput
+from paraspinal.segmentation import ModelInput, SliceUncertainty
 from paraspinal.series_selection import StudySelection
 from paraspinal.stacks import STOP_EXCEPTIONS, StackVolume
 
@@ -37,6 +37,7 @@ class StackWork:
     volume: StackVolume
     model_input: ModelInput | None = None
     labels: np.ndarray | None = None  # (slice, row, col) on the source grid
+    uncertainty: SliceUncertainty | None = None  # per-slice outline uncertainty (quality control)
     measurements: list[MuscleMeasurement] = field(default_factory=list)
     segmentation: SegmentationResult | None = None
 

@@ -27,6 +27,7 @@ from paraspinal.fat_methods import (FAT_METHODS, FatInput, fat_signal_share, lin
                                     run_otsu_outlier, separate_fat, signal_fraction_references)
 from paraspinal.model_bundle import ModelBundle, parse_labels
 from paraspinal.phantom import LumbarPhantom
+from paraspinal.quality import CHECKS
 from paraspinal.quantification import asymmetry_index, goutallier_grade, measure_stack
 from paraspinal.series_selection import judge_series, select_series
 from paraspinal.stacks import StackVolume, load_stack
@@ -230,6 +231,9 @@ def test_no_asymmetry_index_when_one_side_is_not_found(synthetic, bundle_labels)
     assert not measures[2].found
     assert measures[1].asymmetry_index_pct is None and measures[2].asymmetry_index_pct is None
     assert measures[3].asymmetry_index_pct is not None
+    # the missing side is flagged for review, naming the other side
+    assert measures[2].quality.review_recommended and measures[2].quality.checks == ["one_side"]
+    assert "one_side" not in measures[1].quality.checks
 
 
 def test_sr_with_every_measure_passes_dciodvfy_and_reads_with_tid1500reader_and_dcmjs(synthetic, bundle_labels,
@@ -255,9 +259,16 @@ def test_sr_with_every_measure_passes_dciodvfy_and_reads_with_tid1500reader_and_
         assert items[("129100", "")]["units"]["CodeValue"] == "%"
         assert float(items[("ASYMIDX", "")]["value"]) == pytest.approx(m.asymmetry_index_pct)
         assert items[("118565006", "")]["units"]["CodeValue"] == "cm3"
-        (grade,) = main["qualitativeEvaluations"]
-        assert grade["conceptCode"]["CodeValue"] == "GOUTALLIER"
-        assert m.goutallier_grade.split("/")[0] in grade["conceptValue"]["CodeMeaning"].lower()
+        evaluations = {}
+        for item in main["qualitativeEvaluations"]:
+            evaluations.setdefault(item["conceptCode"]["CodeValue"], []).append(item["conceptValue"])
+        (grade,) = evaluations["GOUTALLIER"]
+        assert m.goutallier_grade.split("/")[0] in grade["CodeMeaning"].lower()
+        # quality control: the review flag and one coded reason per check that fired
+        (review,) = evaluations["REVIEWREC"]
+        assert review["CodeMeaning"] == ("Yes" if m.quality.review_recommended else "No")
+        assert [r["CodeMeaning"] for r in evaluations.get("REVIEWWHY", [])] == [
+            CHECKS[key] for key in m.quality.checks]
         pdff = groups[f"stack 1 {m.name} PDFF"]
         assert pdff["measurementMethod"]["CodeValue"] == "DIXONPDFF"
         assert float(pdff["measurementItems"][0]["value"]) == pytest.approx(m.pdff_pct)

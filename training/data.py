@@ -59,6 +59,8 @@ class LoadedCase:
         affine_ras: 4x4 voxel -> RAS world (mm) affine of the source grid.
         labelled_classes: classes whose absence in ``label`` is meaningful (0 is always in).
         source: one line saying where the data came from (for model cards and reports).
+        components: named source images on the same grid that ``image`` was made from
+            (Dixon ``water`` and ``fat``), for contrast synthesis in training; empty otherwise.
     """
 
     case_id: str
@@ -67,6 +69,7 @@ class LoadedCase:
     affine_ras: np.ndarray
     labelled_classes: tuple[int, ...]
     source: str
+    components: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def spacing_mm(self) -> tuple[float, float, float]:
@@ -109,6 +112,8 @@ class NiftiCase:
         label_path: label map on the same grid.
         label_map: source label value -> bundle label value.
         labelled_classes: bundle classes the annotation covers (0 implied).
+        component_names: names of ``image_paths`` (e.g. ``("water", "fat")``), kept apart in
+            :attr:`LoadedCase.components` for contrast synthesis; empty: not kept.
     """
 
     case_id: str
@@ -117,17 +122,21 @@ class NiftiCase:
     label_map: Mapping[int, int]
     labelled_classes: tuple[int, ...]
     source: str = ""
+    component_names: tuple[str, ...] = ()
 
     def load(self) -> LoadedCase:
         image, affine = _read_nifti(self.image_paths[0])
         image = image.astype(np.float32)
+        parts = [image.copy()]
         for extra in self.image_paths[1:]:
             other, _ = _read_nifti(extra)
             if other.shape != image.shape:
                 raise CaseError(f"{extra}: grid {other.shape} differs from {self.image_paths[0]} {image.shape}")
             # The MyoSegmenTUM fat file carries a different origin in its header although it is
             # the same acquisition and grid as the water image; the water/label affine is used.
-            image = image + other.astype(np.float32)
+            parts.append(other.astype(np.float32))
+            image = image + parts[-1]
+        components = dict(zip(self.component_names, parts)) if self.component_names else {}
         label = None
         if self.label_path is not None:
             raw, label_affine = _read_nifti(self.label_path)
@@ -137,7 +146,7 @@ class NiftiCase:
                 raise CaseError(f"{self.label_path}: voxel axes differ from the image's")
             label = remap_labels(raw, self.label_map, str(self.label_path))
         classes = tuple(sorted({0, *self.labelled_classes}))
-        return LoadedCase(self.case_id, image, label, affine, classes, self.source or self.case_id)
+        return LoadedCase(self.case_id, image, label, affine, classes, self.source or self.case_id, components)
 
 
 def real_cases(data_dir: Path = REAL_DATA_DIR) -> dict[str, NiftiCase]:
@@ -248,7 +257,41 @@ def to_model_space(case: LoadedCase, spec: PreprocessingSpec = MODEL_SPEC) -> di
     if case.label is not None:
         data["label"] = as_metatensor(case.label, case.affine_ras)
         label_keys = ("label",)
-    return model_space_transforms(spec, ("image",), label_keys)(data)
+    for name, component in case.components.items():
+        data[name] = as_metatensor(component, case.affine_ras)
+    return model_space_transforms(spec, ("image",), label_keys, tuple(case.components))(data)
+
+
+# Tissue map values (training.transforms.RandLabelSynthd): 1-8 the labelled muscles, then
+# MASKED_TISSUE for voxels a scanner or reconstruction set to exactly 0, then the intensity
+# clusters of everything else (fat, bone, disc, viscera, air... unnamed).
+MASKED_TISSUE = NUM_CLASSES
+TISSUE_CLUSTERS = 4
+
+
+def tissue_map(image: np.ndarray, label: np.ndarray, labelled_classes: Sequence[int]) -> np.ndarray:
+    """Label-driven synthesis input (SynthSeg, Billot et al. 2023), same shape as ``image``.
+
+    Labelled muscles keep their label; unlabelled tissue is split into ``TISSUE_CLUSTERS``
+    intensity classes by multi-Otsu thresholds over the volume (scikit-image), so a synthetic
+    image drawn from the map keeps the real anatomy of fat, bone, disc and viscera without
+    anyone having labelled them. Classes the case does not label (psoas in MyoSegmenTUM) fall
+    into the clusters, like any other unlabelled tissue.
+    """
+    from skimage.filters import threshold_multiotsu
+
+    muscle = np.isin(label, [c for c in labelled_classes if c != 0]) & (label > 0)
+    out = np.where(muscle, label, 0).astype(np.uint8)
+    masked = (image == 0) & ~muscle
+    out[masked] = MASKED_TISSUE
+    rest = ~muscle & ~masked
+    values = image[rest]
+    if values.size > 100 and np.unique(values[: 10_000]).size > TISSUE_CLUSTERS:
+        thresholds = threshold_multiotsu(values, classes=TISSUE_CLUSTERS)
+        out[rest] = MASKED_TISSUE + 1 + np.digitize(values, thresholds).astype(np.uint8)
+    else:
+        out[rest] = MASKED_TISSUE + 1
+    return out
 
 
 @dataclass
@@ -264,7 +307,8 @@ def case_slices(case: LoadedCase, spec: PreprocessingSpec = MODEL_SPEC, only_lab
     """Axial 2D items ``vol[:, :, :, k]`` of a labelled case in model space.
 
     Each item: ``image`` (1, I, J) float32 z-scored, ``label`` (1, I, J) int64 bundle
-    labels, ``labelled`` (NUM_CLASSES,) float32 1/0 per class, ``pad_value`` (the volume
+    labels, ``tissue`` (1, I, J) int64 (:func:`tissue_map`), the case's components (Dixon
+    ``water``/``fat``, resampled, own units) when it has them, ``labelled`` (NUM_CLASSES,) float32 1/0 per class, ``pad_value`` (the volume
     minimum, the padding the application's inferer uses) and provenance keys.
     Slices without any muscle label are skipped when ``only_labelled``: the annotation of
     such a slice is often just absent rather than "no muscle here".
@@ -274,6 +318,8 @@ def case_slices(case: LoadedCase, spec: PreprocessingSpec = MODEL_SPEC, only_lab
     data = to_model_space(case, spec)
     image = data["image"].as_tensor().float()
     label = data["label"].as_tensor().round().to(torch.int64)
+    tissue = torch.from_numpy(tissue_map(image.numpy(), label.numpy(), case.labelled_classes).astype(np.int64))
+    components = {name: data[name].as_tensor().float() for name in case.components}
     labelled = torch.zeros(NUM_CLASSES, dtype=torch.float32)
     labelled[list(case.labelled_classes)] = 1.0
     pad_value = float(image.min())
@@ -282,16 +328,17 @@ def case_slices(case: LoadedCase, spec: PreprocessingSpec = MODEL_SPEC, only_lab
         lab = label[..., k]
         if only_labelled and not bool((lab > 0).any()):
             continue
-        items.append(
-            {
-                "image": image[..., k].clone(),
-                "label": lab.clone(),
-                "labelled": labelled.clone(),
-                "pad_value": pad_value,
-                "case": case.case_id,
-                "slice": k,
-            }
-        )
+        item = {
+            "image": image[..., k].clone(),
+            "label": lab.clone(),
+            "tissue": tissue[..., k].clone(),
+            "labelled": labelled.clone(),
+            "pad_value": pad_value,
+            "case": case.case_id,
+            "slice": k,
+        }
+        item.update({name: component[..., k].clone() for name, component in components.items()})
+        items.append(item)
     summary = f"{case.case_id}: {len(items)} slices ({case.source})"
     return SliceSet(case.case_id, items, summary)
 

@@ -1,7 +1,8 @@
 """Evaluate a bundle on labelled volumes it was not trained on.
 
 Inference is the application's path: shared preprocessing (RAS, 1x1 mm in-plane, z-score)
--> MONAI ``SliceInferer`` (256x256 windows per axial slice, Gaussian blending) -> softmax ->
+-> the application's sliding-window inference (256x256 windows per axial slice, Gaussian blending, test-time
+mirroring where the bundle uses it) -> softmax ->
 ``Invertd`` of the preprocessing back to the source voxel grid -> arg-max -> optional
 post-processing (:func:`training.postprocess.postprocess_labels`). Metrics are computed on
 the source grid with its own spacing (mm), per muscle and side (:mod:`training.metrics`).
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import shutil
 import sys
@@ -34,20 +36,21 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
-from monai.inferers import SliceInferer  # noqa: E402
 from monai.transforms import Invertd  # noqa: E402
 
 from paraspinal.model_bundle import METADATA_RELPATH, ModelBundle, load_bundle, read_metadata  # noqa: E402
 from paraspinal.preprocessing import as_metatensor, model_space_transforms  # noqa: E402
+from paraspinal.segmentation import ModelInput, SliceUncertainty, infer_with_uncertainty  # noqa: E402
 from training.data import CaseError, LoadedCase, real_cases, site_cases  # noqa: E402
 from training.metrics import label_metrics, mean_row  # noqa: E402
 from training.model_card import METRIC_COLUMNS, metric_table  # noqa: E402
 from training.postprocess import postprocess_labels  # noqa: E402
 
 METHOD = (
-    "Inference as in the application: shared preprocessing (RAS, 1x1 mm in-plane, z-score over non-zero "
-    "voxels), MONAI SliceInferer (256x256 windows per axial slice, Gaussian blending, padding with the volume "
-    "minimum as the application does), softmax, Invertd back to the source grid, arg-max, then post-processing "
+    "Inference as in the application (paraspinal.segmentation): shared preprocessing (RAS, 1x1 mm in-plane, "
+    "z-score over non-zero voxels), MONAI sliding window (256x256 windows per axial slice, Gaussian blending, "
+    "padding with the volume minimum), softmax, averaged with the mirrored, label-swapped prediction where the "
+    "bundle uses test-time mirroring, Invertd back to the source grid, arg-max, then post-processing "
     "(largest 3D component per label + per-slice hole filling). Metrics per muscle and side on the source grid "
     "(MONAI DiceMetric, MeanIoU, ConfusionMatrixMetric, SurfaceDistanceMetric with voxel spacing in mm; "
     "conformity = (3 Dice - 2) / Dice; volume ratio = predicted / reference volume; mean boundary distance = "
@@ -55,32 +58,41 @@ METHOD = (
 )
 
 
-def predict_probabilities(case: LoadedCase, bundle: ModelBundle) -> np.ndarray:
-    """Softmax probabilities (C, I, J, K) on the case's source grid."""
-    spec = bundle.preprocessing
-    transforms = model_space_transforms(spec, ("image",))
+def predict_probabilities(case: LoadedCase, bundle: ModelBundle) -> tuple[np.ndarray, SliceUncertainty]:
+    """Softmax probabilities (C, I, J, K) on the case's source grid, by the application's own
+    inference (:func:`paraspinal.segmentation.infer_with_uncertainty`: sliding window per axial
+    slice, test-time mirroring when the bundle asks for it), and the per-slice uncertainty
+    (slices in the case's K order)."""
+    transforms = model_space_transforms(bundle.preprocessing, ("image",))
     data = transforms({"image": as_metatensor(case.image, case.affine_ras)})
-    image = data["image"]
-    inferer = SliceInferer(
-        spatial_dim=2,
-        roi_size=spec.roi_size,
-        sw_batch_size=spec.sw_batch_size,
-        overlap=spec.overlap,
-        mode=spec.blend_mode,
-        padding_mode="constant",
-        cval=float(image.min()),  # as paraspinal.segmentation pads
-        progress=False,
-    )
-    with bundle.lock, torch.inference_mode():
-        logits = inferer(image.as_tensor()[None].to(bundle.device), bundle.network)
-        probs = torch.softmax(logits.float(), dim=1)[0].cpu()
-    data["pred"] = image.__class__(probs, meta=image.meta, applied_operations=image.applied_operations)
+    probs, uncertainty = infer_with_uncertainty(ModelInput(data=data, transforms=transforms), bundle)
+    data["pred"] = probs
     inverted = Invertd(keys="pred", transform=transforms, orig_keys="image", nearest_interp=False,
                        to_tensor=True)(data)
     out = torch.as_tensor(inverted["pred"]).numpy()
     if out.shape[1:] != case.image.shape:
         raise RuntimeError(f"inverted prediction {out.shape[1:]} is not on the source grid {case.image.shape}")
-    return out
+    return out, uncertainty
+
+
+def slice_records(case: LoadedCase, pred: np.ndarray, uncertainty: SliceUncertainty,
+                  labels: Sequence[int]) -> list[dict[str, Any]]:
+    """One record per (label, axial slice K) where the reference or the prediction has the label:
+    Dice on that slice and the uncertainty scores, for the QC validation (training.qc_validation)."""
+    records = []
+    for label in labels:
+        for k in range(case.image.shape[2]):
+            ref, prd = case.label[:, :, k] == label, pred[:, :, k] == label
+            n_ref, n_pred = int(ref.sum()), int(prd.sum())
+            if n_ref == 0 and n_pred == 0:
+                continue
+            records.append({
+                "label": int(label), "slice": k, "ref_voxels": n_ref, "pred_voxels": n_pred,
+                "dice": round(2.0 * float((ref & prd).sum()) / float(n_ref + n_pred), 4),
+                "mirror_disagreement": uncertainty.mirror_disagreement.get(label, [None] * (k + 1))[k],
+                "entropy": uncertainty.entropy.get(label, [None] * (k + 1))[k],
+            })
+    return records
 
 
 def _display(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -140,7 +152,7 @@ def evaluate_case(case: LoadedCase, bundle: ModelBundle, out_dir: Path) -> dict[
     if case.label is None:
         raise CaseError(f"{case.case_id}: no reference labels")
     started = time.monotonic()
-    probs = predict_probabilities(case, bundle)
+    probs, uncertainty = predict_probabilities(case, bundle)
     seconds = time.monotonic() - started
     raw = np.argmax(probs, axis=0).astype(np.uint8)
     post = postprocess_labels(raw, case.spacing_mm)
@@ -154,7 +166,8 @@ def evaluate_case(case: LoadedCase, bundle: ModelBundle, out_dir: Path) -> dict[
         "spacing_mm": [round(s, 4) for s in case.spacing_mm], "shape": list(case.image.shape),
         "inference_s": round(seconds, 1),
         "rows": rows + [mean_row(rows)], "raw_rows": raw_rows + [mean_row(raw_rows)],
-        "figure": figure.name,
+        "figure": figure.name, "test_time_mirror": bundle.test_time_mirror,
+        "slices": slice_records(case, post, uncertainty, labels),
     }
 
 
@@ -232,9 +245,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--update-bundle", action="store_true",
                    help="write the figures into the bundle metadata and model card")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--test-time-mirror", choices=("bundle", "on", "off"), default="bundle",
+                   help="override the bundle's test-time mirroring (ablation); default: as the bundle says")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     bundle = load_bundle(args.bundle, "cpu")
+    if args.test_time_mirror != "bundle":
+        bundle = dataclasses.replace(bundle, test_time_mirror=args.test_time_mirror == "on")
     training = bundle.metadata.get("training", {})
     trained_on = set(training.get("cases", [])) | {entry.split(": ")[0] for entry in training.get("data", [])}
     registry: dict[str, Any] = dict(real_cases())

@@ -82,6 +82,14 @@ def preprocessing_entry() -> dict[str, Any]:
     }
 
 
+GEOMETRY_TEXT = {
+    "basic": "pad to 256, pos/neg crop 2:1, mirror with R/L label swap p=0.5, rotation +-0.2 rad and scale "
+             "+-15 % p=0.5",
+    "strong": "pad to 256, pos/neg crop 2:1, mirror with R/L label swap p=0.5, rotation +-0.3 rad, anisotropic "
+              "scale +-25 %, shear +-0.1 p=0.7, elastic (32 px control grid, 1-4 px) p=0.25",
+}
+
+
 def training_entry(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """Provenance of the weights, from the checkpoint the training run wrote."""
     config = checkpoint["config"]
@@ -102,9 +110,10 @@ def training_entry(checkpoint: dict[str, Any]) -> dict[str, Any]:
             "lr_schedule": config["lr_schedule"], "batch_size": config["batch_size"],
             "patch": list(MODEL_SPEC.roi_size),
             "augmentation": {
-                "geometric": "pad to 256, pos/neg crop 2:1, mirror with R/L label swap p=0.5, "
-                             "rotation +-0.2 rad and scale +-15 % p=0.5",
+                "geometric": GEOMETRY_TEXT[config.get("geometry", "basic")],
                 "contrast": config["augmentation"],
+                "label_synthesis_p": float(config.get("label_synthesis", 0.0)),
+                "dixon_contrasts_p": float(config.get("dixon_contrasts", 0.0)),
             },
             "init": config.get("init_checkpoint"),
             "selection": "last iterate (no validation data was used for model selection)",
@@ -119,19 +128,20 @@ def training_entry(checkpoint: dict[str, Any]) -> dict[str, Any]:
 
 
 def export_bundle(checkpoint_path: Path, out_dir: Path, version: str = "0.1.0", name: str = BUNDLE_NAME,
-                  description: str | None = None) -> Path:
+                  description: str | None = None, test_time_mirror: bool = True) -> Path:
     """Write a bundle from a training checkpoint; returns the bundle folder."""
     checkpoint = torch.load(str(checkpoint_path), map_location="cpu", weights_only=False)
     network = build_network(checkpoint["network_def"])
     network.load_state_dict(checkpoint["model"])
     return write_bundle(network, checkpoint["network_def"], Path(out_dir), training_entry(checkpoint),
-                        name=name, version=version, description=description)
+                        name=name, version=version, description=description, test_time_mirror=test_time_mirror)
 
 
 def write_bundle(network: torch.nn.Module, definition: dict[str, Any], out_dir: Path, training: dict[str, Any],
                  name: str = BUNDLE_NAME, version: str = "0.1.0", description: str | None = None,
                  license_text: str | None = None, max_weights_mb: float | None = MAX_WEIGHTS_MB,
-                 parameters: int | None = None, limits: Sequence[str] | None = None) -> Path:
+                 parameters: int | None = None, limits: Sequence[str] | None = None,
+                 test_time_mirror: bool = False) -> Path:
     """Script ``network`` and write the bundle folder (weights, metadata, model card).
 
     Any earlier ``evaluation`` in the folder is dropped: it measured other weights.
@@ -175,6 +185,9 @@ def write_bundle(network: torch.nn.Module, definition: dict[str, Any], out_dir: 
         "network_def": definition,
         "preprocessing": preprocessing_entry(),
         "postprocessing": {"largest_component_3d": True, "fill_holes": True},
+        # Test-time mirroring: the application averages the softmax of each slice with that of the
+        # slice mirrored left-right (labels swapped back); it also yields the QC disagreement score.
+        "inference": {"test_time_mirror": bool(test_time_mirror)},
         **label_table(),
         "limits": list(limits if limits is not None else DEFAULT_LIMITS),
         "training": training,
@@ -200,8 +213,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("models") / BUNDLE_NAME)
     p.add_argument("--version", default="0.1.0")
     p.add_argument("--name", default=BUNDLE_NAME)
+    p.add_argument("--no-test-time-mirror", action="store_true",
+                   help="the application infers each slice once (no mirrored second pass, no disagreement score)")
     args = p.parse_args(argv)
-    print(export_bundle(args.checkpoint, args.out, version=args.version, name=args.name))
+    print(export_bundle(args.checkpoint, args.out, version=args.version, name=args.name,
+                        test_time_mirror=not args.no_test_time_mirror))
     return 0
 
 

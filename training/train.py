@@ -38,7 +38,7 @@ from training.data import MODEL_SPEC, CaseError, SliceSet, case_slices, check_he
 from training.labels import NUM_CLASSES
 from training.losses import MarginalDiceCELoss
 from training.network import DEFAULT_CHANNELS, build_network, network_def
-from training.transforms import AUGMENTATIONS, seed_transforms, train_transforms
+from training.transforms import AUGMENTATIONS, GEOMETRIES, seed_transforms, train_transforms
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -61,6 +61,9 @@ class TrainConfig:
     dice: str = "batch"
     side_agnostic: float = 0.0
     augmentation: str = "contrast"
+    geometry: str = "basic"
+    label_synthesis: float = 0.0
+    dixon_contrasts: float = 0.0
     channels: list[int] = field(default_factory=lambda: list(DEFAULT_CHANNELS))
     head: bool = False
     seed: int = 0
@@ -91,6 +94,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse
     p.add_argument("--side-agnostic", type=float, default=0.5,
                    help="weight of the extra Dice+CE on muscle types, right+left merged (training.losses)")
     p.add_argument("--augmentation", choices=AUGMENTATIONS, default="contrast")
+    p.add_argument("--geometry", choices=GEOMETRIES, default="basic",
+                   help="geometric augmentation: basic (0.2.0) or strong (wider affine, shear, elastic)")
+    p.add_argument("--label-synthesis", type=float, default=0.0,
+                   help="probability of re-drawing a slice from its tissue map (SynthSeg-style)")
+    p.add_argument("--dixon-contrasts", type=float, default=0.0,
+                   help="probability of re-mixing a Dixon case's water and fat into another contrast")
     p.add_argument("--channels", type=int, nargs="+", default=list(DEFAULT_CHANNELS))
     p.add_argument("--head", action="store_true",
                    help="1x1-conv classification head on channels[0] UNet features (see training.network)")
@@ -116,6 +125,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse
         batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, lr_schedule=args.lr_schedule, dice=args.dice,
         side_agnostic=args.side_agnostic, augmentation=args.augmentation,
+        geometry=args.geometry, label_synthesis=args.label_synthesis, dixon_contrasts=args.dixon_contrasts,
         channels=list(args.channels), head=args.head, seed=args.seed, checkpoint_every=args.checkpoint_every,
         threads=args.threads, init_checkpoint=args.init_checkpoint,
     )
@@ -218,13 +228,14 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, stop
         saved = TrainConfig(**state["config"])
         # Only the length of the run may change on resume; anything else would be another run.
         for key in ("cases", "holdout", "synthetic", "real_fraction", "batch_size", "lr", "dice", "side_agnostic", "augmentation",
-                    "channels", "head", "seed"):
+                    "geometry", "label_synthesis", "dixon_contrasts", "channels", "head", "seed"):
             if getattr(saved, key) != getattr(config, key):
                 raise SystemExit(f"--resume: {key} differs from the checkpoint ({getattr(saved, key)!r})")
     sets = collect_slices(config)
     items = [item for s in sets for item in s.items]
     weights = sampling_weights(items, config.real_fraction)
-    transforms = train_transforms(MODEL_SPEC.roi_size, config.augmentation)
+    transforms = train_transforms(MODEL_SPEC.roi_size, config.augmentation, config.geometry,
+                                  config.label_synthesis, config.dixon_contrasts)
     dataset = CacheDataset(items, transform=transforms, cache_rate=1.0, num_workers=0, progress=False)
 
     definition = network_def(tuple(config.channels), head=config.head)

@@ -24,11 +24,15 @@ from monai.transforms import (
     RandHistogramShift,
     Randomizable,
     RandomizableTransform,
+    Rand2DElasticd,
+    SelectItemsd,
 )
+from scipy import ndimage
 
-from training.labels import SIDE_SWAP
+from training.labels import NUM_CLASSES, SIDE_SWAP
 
 AUGMENTATIONS = ("none", "contrast")
+GEOMETRIES = ("basic", "strong")
 
 
 class RandPadToWindowd(RandomizableTransform, MapTransform):
@@ -155,24 +159,146 @@ class RandContrastd(RandomizableTransform, MapTransform):
         return d
 
 
-def train_transforms(roi: tuple[int, int], augmentation: str = "contrast") -> Compose:
+def _zscore_nonzero(x: torch.Tensor) -> torch.Tensor:
+    """Z-score over the non-zero voxels, zeros kept (the application's normalisation)."""
+    fg = x != 0
+    out = torch.zeros_like(x)
+    if int(fg.sum()) > 1:
+        vals = x[fg]
+        out[fg] = (vals - vals.mean()) / vals.std().clamp_min(1e-6)
+    return out
+
+
+class RandDixonContrastd(RandomizableTransform, MapTransform):
+    """Many contrasts from one Dixon acquisition: the image is re-made from the item's
+    ``water`` W and ``fat`` F (model space, own units) and z-scored as the application does.
+
+    Drawn among (probabilities in brackets):
+
+    * a*W + b*F, a in [0.3, 1.2], b in [0.6, 2.0] (0.4): fat as bright as or brighter than
+      muscle and fluid, as on T2 TSE and T1;
+    * W + b*F, b in [0, 0.25] (0.2): water-only / fat-suppressed;
+    * |W - F| (0.15): opposed phase (dark rims at muscle-fat borders);
+    * W + F (0.25): in phase, the image the item already has.
+
+    Items without ``water``/``fat`` pass unchanged.
+    """
+
+    def __init__(self, prob: float = 0.7):
+        RandomizableTransform.__init__(self, prob=prob)
+        MapTransform.__init__(self, ("image",))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform or "water" not in d or "fat" not in d:
+            return d
+        water = torch.as_tensor(d["water"]).float().clamp_min(0)
+        fat = torch.as_tensor(d["fat"]).float().clamp_min(0)
+        kind = self.R.rand()
+        if kind < 0.4:
+            mixed = self.R.uniform(0.3, 1.2) * water + self.R.uniform(0.6, 2.0) * fat
+        elif kind < 0.6:
+            mixed = water + self.R.uniform(0.0, 0.25) * fat
+        elif kind < 0.75:
+            mixed = (water - fat).abs()
+        else:
+            mixed = water + fat
+        d["image"] = _zscore_nonzero(mixed)
+        return d
+
+
+class RandLabelSynthd(RandomizableTransform, MapTransform):
+    """Label-driven image synthesis (SynthSeg, Billot et al., Med Image Anal 2023) on 2D slices.
+
+    The image is re-drawn from the item's ``tissue`` map (:func:`training.data.tissue_map`:
+    muscles 1-8, masked background, unlabelled intensity clusters) with a random intensity per
+    class, so the network cannot rely on any one scanner's contrast and has to use shape and
+    context. Two flavours, drawn with equal probability:
+
+    * Gaussian: each class a random mean in [0, 1] and standard deviation in [0, 0.06];
+    * texture-keeping: each class's real voxels z-scored within the class and mapped to a
+      random mean and spread in [0.01, 0.08], so intramuscular fat streaks and fascia stay.
+
+    Muscles share one mean (+-0.05) with probability 0.5 (real muscles look alike; the label
+    must then come from anatomy) and get independent means otherwise. Masked background stays
+    0 with probability 0.8. Then a Gaussian blur of sigma in [0, 1] voxel (partial volume) and
+    the z-score. Bias field, gamma and noise come after, from :class:`RandContrastd`.
+    """
+
+    def __init__(self, prob: float = 0.4):
+        RandomizableTransform.__init__(self, prob=prob)
+        MapTransform.__init__(self, ("image",))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform or "tissue" not in d:
+            return d
+        image = torch.as_tensor(d["image"]).float().numpy()
+        tissue = torch.as_tensor(d["tissue"]).numpy()
+        texture = self.R.rand() < 0.5
+        shared_muscle = self.R.uniform(0.0, 1.0) if self.R.rand() < 0.5 else None
+        out = np.zeros(image.shape, dtype=np.float32)
+        for value in np.unique(tissue):
+            where = tissue == value
+            if value == NUM_CLASSES and self.R.rand() < 0.8:  # masked background stays masked
+                continue
+            if 0 < value < NUM_CLASSES and shared_muscle is not None:
+                mean = float(np.clip(shared_muscle + self.R.uniform(-0.05, 0.05), 0.0, 1.0))
+            else:
+                mean = self.R.uniform(0.0, 1.0)
+            if texture:
+                vals = image[where]
+                spread = self.R.uniform(0.01, 0.08)
+                out[where] = mean + spread * (vals - vals.mean()) / max(float(vals.std()), 1e-6)
+            else:
+                out[where] = mean + self.R.uniform(0.0, 0.06) * self.R.standard_normal(int(where.sum()))
+        sigma = self.R.uniform(0.0, 1.0)
+        if sigma > 0.2:
+            out[0] = ndimage.gaussian_filter(out[0], sigma)
+        d["image"] = _zscore_nonzero(torch.from_numpy(out))
+        return d
+
+
+def train_transforms(roi: tuple[int, int], augmentation: str = "contrast", geometry: str = "basic",
+                     label_synthesis: float = 0.0, dixon_contrasts: float = 0.0) -> Compose:
     """Slice item -> 256x256 training patch (list of one dict, from the pos/neg crop).
 
-    Geometric augmentation (rotation +-11 deg, scale +-15 %, mirror with side swap) is
-    always on: with a handful of training volumes it is what keeps the network from
-    memorising one anatomy. ``augmentation`` selects the contrast augmentation on top.
+    Geometric augmentation is always on: with a handful of training volumes it is what
+    keeps the network from memorising one anatomy. ``basic``: rotation +-11 deg, scale +-15 %
+    per axis (p=0.5), mirror with side swap. ``strong`` adds body-habitus and field-of-view
+    variety: rotation +-17 deg, scale +-25 % per axis (anisotropic), shear +-0.1 (p=0.7),
+    and an elastic deformation (p=0.25). ``augmentation`` selects the contrast augmentation
+    on top; ``dixon_contrasts`` / ``label_synthesis`` are the probabilities of
+    :class:`RandDixonContrastd` and :class:`RandLabelSynthd`, applied to the whole slice first.
     """
     if augmentation not in AUGMENTATIONS:
         raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {augmentation!r}")
-    steps: list[Any] = [
-        EnsureTyped(keys=("image", "label"), track_meta=False),  # deterministic: cached by CacheDataset
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")
+    steps: list[Any] = [EnsureTyped(keys=("image", "label"), track_meta=False)]  # deterministic: cached
+    if dixon_contrasts > 0:
+        steps.append(RandDixonContrastd(prob=dixon_contrasts))
+    if label_synthesis > 0:
+        steps.append(RandLabelSynthd(prob=label_synthesis))
+    steps += [
+        SelectItemsd(keys=("image", "label", "labelled", "pad_value")),
         RandPadToWindowd(keys=("image", "label"), label_key="label", roi=roi),
         RandCropByPosNegLabeld(keys=("image", "label"), label_key="label", spatial_size=roi,
                                pos=2.0, neg=1.0, num_samples=1, allow_smaller=False),
         RandFlipLeftRightd(image_key="image", label_key="label", prob=0.5),
-        RandAffined(keys=("image", "label"), prob=0.5, rotate_range=(0.2,), scale_range=(0.15, 0.15),
-                    mode=("bilinear", "nearest"), padding_mode="zeros"),
     ]
+    if geometry == "basic":
+        steps.append(RandAffined(keys=("image", "label"), prob=0.5, rotate_range=(0.2,), scale_range=(0.15, 0.15),
+                                 mode=("bilinear", "nearest"), padding_mode="zeros"))
+    else:
+        steps += [
+            RandAffined(keys=("image", "label"), prob=0.7, rotate_range=(0.3,), scale_range=(0.25, 0.25),
+                        shear_range=(0.1, 0.1), mode=("bilinear", "nearest"), padding_mode="zeros"),
+            Rand2DElasticd(keys=("image", "label"), spacing=(32, 32), magnitude_range=(1.0, 4.0), prob=0.25,
+                           mode=("bilinear", "nearest"), padding_mode="zeros"),
+        ]
     if augmentation == "contrast":
         steps.append(RandContrastd(keys=("image",)))
     steps.append(EnsureTyped(keys=("image", "label"), track_meta=False))
