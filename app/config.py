@@ -17,35 +17,16 @@ from typing import Any, Mapping
 
 import yaml
 
+# The settings domain code reads live beside it (paraspinal never imports app); re-exported here.
 from paraspinal.quality import QualityError, QualitySettings
+from paraspinal.settings import RESEARCH_USE_STATEMENT, OutputSettings, SelectionRules  # noqa: F401
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "config" / "default.yaml"
 DEFAULT_MODEL_PATH = PROJECT_ROOT / "models"
 ENV_PREFIX = "PARASPINAL__"
-RESEARCH_USE_STATEMENT = (
-    "RESEARCH USE ONLY. Not a medical device; not validated for clinical use. "
-    "Results are produced automatically and must be reviewed by a qualified reader."
-)
-
-
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or of the wrong type."""
-
-
-@dataclass(frozen=True)
-class SelectionRules:
-    """Rules that pick the lumbar axial T2 series out of a study."""
-
-    axial_max_angle_deg: float
-    min_echo_time_ms: float
-    min_repetition_time_ms: float
-    min_slices_per_stack: int
-    excluded_image_types: tuple[str, ...]
-    excluded_body_parts: tuple[str, ...]
-    preferred_description_words: tuple[str, ...]
-    avoided_description_words: tuple[str, ...]
-    stack_orientation_tolerance_deg: float
 
 
 @dataclass(frozen=True)
@@ -58,12 +39,15 @@ class QuantificationSettings:
         dixon_pdff: ``"auto"`` (PDFF beside the T2 method when the study has Dixon water and fat
             series on the T2's frame of reference) or ``"off"``.
         min_muscle_voxels: muscles with fewer voxels in a stack are reported as not found.
+        pdff_erosion_voxels: the Dixon PDFF is measured in each muscle's mask eroded in-plane by
+            this many voxels (0: the whole mask; ``paraspinal.quantification.eroded_in_plane``).
     """
 
     fat_method: str
     bias_correction: str
     dixon_pdff: str
     min_muscle_voxels: int
+    pdff_erosion_voxels: int
 
     def __post_init__(self) -> None:
         from paraspinal.fat_methods import FAT_METHODS  # light: numpy/scipy/scikit-image only
@@ -74,18 +58,9 @@ class QuantificationSettings:
             value = getattr(self, name)
             if value not in choices:
                 raise ConfigError(f"[quantification] {name}: {value!r} is not one of {', '.join(choices)}")
-
-
-@dataclass(frozen=True)
-class OutputSettings:
-    seg_series_number: int
-    sr_series_number: int
-    report_series_number: int
-    seg_series_description: str
-    sr_series_description: str
-    manufacturer: str
-    manufacturer_model_name: str
-    institution_name: str
+        if not 0 <= self.pdff_erosion_voxels <= 10:
+            raise ConfigError(f"[quantification] pdff_erosion_voxels: {self.pdff_erosion_voxels!r} is not "
+                              "between 0 and 10 voxels")
 
 
 @dataclass(frozen=True)

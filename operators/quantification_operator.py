@@ -18,7 +18,7 @@ class QuantificationOperator(StudyStageOperator):
     """Measures each stack with the configured fat method and bias correction (see
     :mod:`paraspinal.quantification`), and, when ``dixon_pdff`` is ``auto`` and the study holds a
     Dixon water/fat pair on the stack's frame of reference (:mod:`paraspinal.dixon`), the PDFF
-    inside the same masks. A Dixon pair that cannot be read costs only the PDFF, not the study.
+    inside the same masks eroded in-plane by ``pdff_erosion_voxels``. A Dixon pair that cannot be read costs only the PDFF, not the study.
     Each slice's lumbar level comes from a SEG in the study labelling vertebrae/discs on the stack's
     frame of reference (:mod:`paraspinal.levels`); without one, or when it cannot be used, slices
     are reported by position, and an error there costs only the levels, not the study.
@@ -82,7 +82,8 @@ class QuantificationOperator(StudyStageOperator):
                                               self.settings.fat_method, self.settings.min_muscle_voxels,
                                               bias_correction=self.settings.bias_correction, pdff=pdff,
                                               pdff_source=source, levels=self._levels(job, work, level_sources),
-                                              uncertainty=work.uncertainty, quality=self.quality)
+                                              uncertainty=work.uncertainty, quality=self.quality,
+                                              pdff_erosion_voxels=self.settings.pdff_erosion_voxels)
         if not any(m.found for w in job.stacks for m in w.measurements):
             job.status = JobStatus.NO_SUITABLE_SERIES
             job.reason = "no paraspinal muscle found in the chosen series (not lumbar anatomy?)"

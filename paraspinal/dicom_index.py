@@ -1,7 +1,13 @@
 """Index a folder of DICOM files by study and series, reading headers only.
 
 Every file that cannot be used is recorded with the reason (not DICOM, truncated,
-no study UID), never silently skipped: the loader logs them and the study result lists them.
+no study UID, unusable functional groups), never silently skipped: the loader logs them and the
+study result lists them.
+
+A multi-frame Enhanced MR or Legacy Converted Enhanced MR instance becomes one record per frame
+(a "frame source": the instance's file and SOP Instance UID plus the frame number, with a
+classic-like header flattened from the functional groups, see :mod:`paraspinal.enhanced_mr`),
+so selection, stacking and Dixon pairing treat frames as classic images.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+
+from paraspinal.enhanced_mr import FunctionalGroupError, frame_headers, is_multi_frame_mr
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +36,18 @@ class FileProblem:
 
 @dataclass
 class InstanceRecord:
+    """One image: a classic instance, or one frame of a multi-frame instance (``frame_number``
+    1-based; ``header`` then holds that frame's flattened attributes, see :mod:`paraspinal.enhanced_mr`)."""
+
     path: Path
     header: Dataset  # read with stop_before_pixels
+    frame_number: int | None = None
+    problem: str | None = None  # why this instance cannot be used as an image (multi-frame only)
+
+    @property
+    def name(self) -> str:
+        """How log lines and reasons name the image: the file name, and the frame where multi-frame."""
+        return self.path.name if self.frame_number is None else f"{self.path.name} frame {self.frame_number}"
 
     @property
     def sop_instance_uid(self) -> str:
@@ -129,12 +147,19 @@ def index_folder(root: Path) -> FolderIndex:
         if sop_uid in seen:
             log.info("duplicate instance %s at %s ignored", sop_uid, path)
             continue
+        records = [InstanceRecord(path, header)]
+        if is_multi_frame_mr(header):
+            try:
+                records = [InstanceRecord(path, frame, number) for number, frame in enumerate(frame_headers(header), 1)]
+            except FunctionalGroupError as exc:
+                # Kept as one record: its series is rejected with this reason (series_selection).
+                records = [InstanceRecord(path, header, problem=f"unusable Enhanced MR functional groups: {exc}")]
         seen.add(sop_uid)
         study = studies.setdefault(study_uid, StudyRecord(study_uid))
         series = study.series.get(series_uid)
         if series is None:
             series = study.series[series_uid] = SeriesRecord(series_uid)
-        series.instances.append(InstanceRecord(path, header))
+        series.instances.extend(records)
     for problem in problems:
         log.warning("input file skipped: %s: %s", problem.path, problem.reason)
     return FolderIndex(studies=studies, problems=problems)

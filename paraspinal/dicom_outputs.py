@@ -9,6 +9,7 @@ silently replacing old ones.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import uuid
@@ -20,12 +21,13 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from app.config import OutputSettings
+from paraspinal.enhanced_mr import seg_source_arguments, source_key
 from paraspinal.model_bundle import Code, LabelInfo, ModelBundle
 from paraspinal.quality import CHECKS
 from paraspinal.fat_methods import fat_method
 from paraspinal.levels import spine_level
 from paraspinal.quantification import LevelMeasure, MuscleMeasurement
+from paraspinal.settings import OutputSettings
 from paraspinal.stacks import StackVolume
 
 # No standard code names these methods; a private scheme (99-prefixed, DICOM PS3.16 8.2) is honest.
@@ -119,14 +121,15 @@ def build_segmentation(stack: StackVolume, labels: np.ndarray, bundle: ModelBund
     for value, number in numbers.items():
         remapped[labels == value] = number
     # The source instances are part of the key: a series that gained or lost slices gives new objects.
-    sources = hashlib.sha256("\\".join(sorted(str(ds.SOPInstanceUID) for ds in stack.datasets)).encode()).hexdigest()
+    sources = hashlib.sha256("\\".join(sorted(source_key(ds.SOPInstanceUID, stack.frame_number(k))
+                                               for k, ds in enumerate(stack.datasets))).encode()).hexdigest()
     key = (stack.series_uid, str(stack.index), bundle.weights_sha256, sources)
     descriptions = [
         _segment_description(numbers[info.value], info, bundle, stable_uid(*key, "track", str(info.value)))
         for info in present
     ]
     seg = hd.seg.Segmentation(
-        source_images=stack.datasets,
+        **seg_source_arguments(stack),  # classic images, or the frames of a multi-frame instance
         pixel_array=remapped,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
@@ -169,6 +172,16 @@ UNIT_MM2 = hd.sr.CodedConcept("mm2", "UCUM", "square millimeter")
 UNIT_CM2 = hd.sr.CodedConcept("cm2", "UCUM", "square centimeter")
 
 
+@functools.lru_cache(maxsize=None)
+def dixon_pdff_method(erosion_voxels: int) -> hd.sr.CodedConcept:
+    """The Dixon PDFF method, naming the in-plane erosion of the mask it was measured in
+    (``DIXONPDFFE<N>``); :data:`DIXON_PDFF_METHOD` where the mask was not eroded."""
+    if not erosion_voxels:
+        return DIXON_PDFF_METHOD
+    return hd.sr.CodedConcept(f"DIXONPDFFE{erosion_voxels}", PRIVATE_SCHEME,
+                              f"Dixon PDFF F/(W+F), mask eroded in-plane {erosion_voxels} voxel"[:64])
+
+
 def fat_method_concept(key: str, bias_correction: str = "none") -> hd.sr.CodedConcept:
     """The private code naming a fat method (and N4 when it ran first)."""
     method = fat_method(key)
@@ -178,13 +191,16 @@ def fat_method_concept(key: str, bias_correction: str = "none") -> hd.sr.CodedCo
 
 
 def seg_frame_numbers(seg: Dataset) -> dict[tuple[int, str], int]:
-    """(segment number, source SOP Instance UID) -> frame number (1-based) of a BINARY SEG."""
+    """(segment number, source image key) -> frame number (1-based) of a BINARY SEG; the key is the
+    source SOP Instance UID, with ``#<frame>`` for a frame of a multi-frame source (:func:`source_key`)."""
     out = {}
     for i, frame in enumerate(seg.PerFrameFunctionalGroupsSequence, start=1):
         number = int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
         for derivation in frame.get("DerivationImageSequence", []):
             for source in derivation.get("SourceImageSequence", []):
-                out[(number, str(source.ReferencedSOPInstanceUID))] = i
+                referenced = source.get("ReferencedFrameNumber")
+                key = source_key(source.ReferencedSOPInstanceUID, None if referenced is None else int(referenced))
+                out[(number, key)] = i
     return out
 
 
@@ -242,7 +258,7 @@ def _slice_group(seg: SegmentationResult, frames: dict[tuple[int, str], int], st
     """
     source = stack.datasets[k]
     number = seg.segment_numbers[info.value]
-    frame = frames.get((number, str(source.SOPInstanceUID)))
+    frame = frames.get((number, source_key(source.SOPInstanceUID, stack.frame_number(k))))
     if frame is None:
         return None
     if dixon and (k >= len(m.slice_pdff_pct) or m.slice_pdff_pct[k] is None):
@@ -252,7 +268,7 @@ def _slice_group(seg: SegmentationResult, frames: dict[tuple[int, str], int], st
     level = m.slice_level[k] if k < len(m.slice_level) else None
     sites = [parts.site, level_site(level)] if level else [parts.site]
     if dixon:
-        method = DIXON_PDFF_METHOD
+        method = dixon_pdff_method(m.pdff_erosion_voxels)
         measurements = [hd.sr.Measurement(name=FAT_FRACTION, value=m.slice_pdff_pct[k], unit=PERCENT,
                                           method=method)]
     else:
@@ -272,7 +288,7 @@ def _slice_group(seg: SegmentationResult, frames: dict[tuple[int, str], int], st
         referenced_segment=hd.sr.ReferencedSegmentationFrame(
             sop_class_uid=seg.dataset.SOPClassUID, sop_instance_uid=seg.dataset.SOPInstanceUID,
             frame_number=frame, segment_number=number,
-            source_image=hd.sr.SourceImageForSegmentation(str(source.SOPClassUID), str(source.SOPInstanceUID)),
+            source_image=_source_image(stack, [k]),
         ),
         finding_type=parts.finding_type,
         method=method,
@@ -282,6 +298,16 @@ def _slice_group(seg: SegmentationResult, frames: dict[tuple[int, str], int], st
     )
     _reference_frame_only(group)
     return group
+
+
+def _source_image(stack: StackVolume, slices: list[int]) -> hd.sr.SourceImageForSegmentation:
+    """The source image of slice ``slices[0]``; for frames of a multi-frame instance, that instance
+    with the frame numbers of all ``slices`` (one multi-frame instance per stack, see
+    :func:`paraspinal.enhanced_mr.seg_source_arguments`)."""
+    source = stack.datasets[slices[0]]
+    frames = [stack.frame_number(k) for k in slices if stack.frame_number(k) is not None]
+    return hd.sr.SourceImageForSegmentation(str(source.SOPClassUID), str(source.SOPInstanceUID),
+                                            referenced_frame_numbers=frames or None)
 
 
 def _reference_frame_only(items) -> None:
@@ -380,9 +406,9 @@ def _level_group(seg: SegmentationResult, stack: StackVolume, m: MuscleMeasureme
     if dixon:
         if lm.pdff_pct is None:
             return None
-        method = DIXON_PDFF_METHOD
+        method = dixon_pdff_method(m.pdff_erosion_voxels)
         measurements = [hd.sr.Measurement(name=codes.DCM.FatFraction, value=lm.pdff_pct, unit=codes.UCUM.Percent,
-                                          method=DIXON_PDFF_METHOD)]
+                                          method=method)]
     else:
         method = fat_method_concept(m.fat_method, m.bias_correction)
         measurements = [hd.sr.Measurement(name=AREA, value=lm.mean_csa_mm2, unit=UNIT_MM2, derivation=codes.SCT.Mean,
@@ -390,8 +416,9 @@ def _level_group(seg: SegmentationResult, stack: StackVolume, m: MuscleMeasureme
         if lm.fat_fraction_pct is not None:
             measurements.append(hd.sr.Measurement(name=FAT_FRACTION, value=lm.fat_fraction_pct, unit=PERCENT,
                                                   method=method, algorithm_id=algorithm))
-    sources = [hd.sr.SourceImageForSegmentation(str(stack.datasets[k].SOPClassUID),
-                                                str(stack.datasets[k].SOPInstanceUID)) for k in lm.slices]
+    sources = ([hd.sr.SourceImageForSegmentation(str(stack.datasets[k].SOPClassUID),
+                                                 str(stack.datasets[k].SOPInstanceUID)) for k in lm.slices]
+               if not stack.is_multi_frame else [_source_image(stack, lm.slices)])
     suffix = " PDFF" if dixon else ""
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
@@ -413,8 +440,15 @@ def _level_group(seg: SegmentationResult, stack: StackVolume, m: MuscleMeasureme
 
 def _dixon_group(seg: SegmentationResult, stack: StackVolume, m: MuscleMeasurement, info: LabelInfo,
                  bundle: ModelBundle) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
-    """TID 1411 group with the Dixon PDFF (%) inside the same segment, method DIXONPDFF."""
+    """TID 1411 group with the Dixon PDFF (%) inside the same segment: the mean, and the median
+    (derivation Median), in the mask eroded in-plane as the method names (:func:`dixon_pdff_method`)."""
     site = hd.sr.FindingSite(anatomic_location=coded(info.code), laterality=coded(info.laterality))
+    method = dixon_pdff_method(m.pdff_erosion_voxels)
+    measurements = [hd.sr.Measurement(name=codes.DCM.FatFraction, value=m.pdff_pct, unit=codes.UCUM.Percent,
+                                      method=method)]
+    if m.pdff_median_pct is not None:
+        measurements.append(hd.sr.Measurement(name=codes.DCM.FatFraction, value=m.pdff_median_pct,
+                                              unit=codes.UCUM.Percent, method=method, derivation=codes.SCT.Median))
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=stable_uid(stack.series_uid, str(stack.index), bundle.weights_sha256, "pdff", str(info.value)),
@@ -422,10 +456,9 @@ def _dixon_group(seg: SegmentationResult, stack: StackVolume, m: MuscleMeasureme
         ),
         referenced_segment=_referenced_segment(seg, stack, info),
         finding_type=coded(info.code),
-        method=DIXON_PDFF_METHOD,
+        method=method,
         finding_sites=[site],
-        measurements=[hd.sr.Measurement(name=codes.DCM.FatFraction, value=m.pdff_pct, unit=codes.UCUM.Percent,
-                                        method=DIXON_PDFF_METHOD)],
+        measurements=measurements,
     )
 
 
@@ -483,7 +516,7 @@ def build_measurement_report(results: list[tuple[StackVolume, SegmentationResult
     first_stack = results[0][0]
     key = ([first_stack.series_uid, bundle.weights_sha256] + [s.dataset.SOPInstanceUID for _, s, _ in results]
            + [content_key(m for _, _, measures in results for m in measures)])
-    evidence = [seg.dataset for _, seg, _ in results] + [ds for stack, _, _ in results for ds in stack.datasets]
+    evidence = [seg.dataset for _, seg, _ in results] + [ds for stack, _, _ in results for ds in stack.sources]
     report = _measurement_report(groups + pdff_groups + level_groups + slice_groups, bundle, settings)
     # highdicom's SR constructor deep-copies and re-parses the whole content tree and searches it
     # for references: seconds for thousands of per-slice items that highdicom built and checked

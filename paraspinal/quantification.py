@@ -19,8 +19,11 @@ Units and definitions (what the SR, measurements.json/csv and the PDF report car
 * simplified Goutallier grade (Baur et al.) from the volume-weighted fat fraction:
   < 10 % "normal/mild", 10-50 % "moderate", > 50 % "severe" (10 % and 50 % are moderate);
 * PDFF, %: where the study has Dixon water and fat series on the same frame of reference,
-  the mean of the voxels' F / (W + F) inside the muscle (see :mod:`paraspinal.dixon`), per
-  slice and per stack, reported beside the T2 method's fat fraction.
+  the mean (and the median) of the voxels' F / (W + F) inside the muscle mask eroded in-plane
+  by ``pdff_erosion_voxels`` (see :func:`eroded_in_plane`; the edge of a mask reaches into the
+  fat around the muscle, and quantitative MRI measures PDFF in an eroded region), with the
+  voxel count kept, per slice and per stack, reported beside the T2 method's fat fraction
+  (see :mod:`paraspinal.dixon`).
 
 Slices are reported by position (``slice_z_mm``, LPS z of the slice centre, head +) and by
 lumbar level only where :mod:`paraspinal.levels` determined it (from a SEG labelling the study's
@@ -29,7 +32,8 @@ slices at that level that hold the muscle (:class:`LevelMeasure`):
 
 * mean CSA, mm²: the mean of those slices' CSA;
 * fat fraction, %: their fat CSA over their CSA (the slice fat fractions weighted by CSA);
-* PDFF, %: where measured, the slice PDFFs weighted by CSA (slices without a PDFF left out).
+* PDFF, %: where measured, the slice PDFFs weighted by the voxels each was measured in (slices
+  without a PDFF left out).
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ if TYPE_CHECKING:  # the segmentation module pulls in torch and MONAI
     from paraspinal.segmentation import SliceUncertainty
 
 __all__ = ["FAT_METHODS", "BIAS_CORRECTIONS", "GOUTALLIER_GRADES", "LevelMeasure", "MuscleMeasurement",
-           "asymmetry_index", "goutallier_grade", "level_measures", "measure_stack"]
+           "asymmetry_index", "eroded_in_plane", "goutallier_grade", "level_measures", "measure_stack", "pdff_in_mask"]
 
 BIAS_CORRECTIONS = ("none", "n4")
 #: Simplified Goutallier grades (Baur et al.), from the fat fraction in %.
@@ -98,7 +102,9 @@ class MuscleMeasurement:
     Per-slice lists follow the stack's slice order (ascending along the slice normal);
     ``slice_z_mm`` is the LPS z (head +) of each slice's centre; ``slice_level`` the lumbar level
     where determined (else ``None``, see ``level_method``). Areas in mm², volume in cm³,
-    fractions in %.
+    fractions in %. Dixon PDFF (``pdff_pct`` mean, ``pdff_median_pct``, ``slice_pdff_pct`` per
+    slice) is measured in the mask eroded in-plane by ``pdff_erosion_voxels`` voxels;
+    ``pdff_voxels`` / ``slice_pdff_voxels`` count the voxels kept (with a known PDFF).
     """
 
     label: int
@@ -121,6 +127,10 @@ class MuscleMeasurement:
     max_csa_mm2: float = 0.0
     fat_fraction_pct: float | None = None
     pdff_pct: float | None = None
+    pdff_median_pct: float | None = None
+    pdff_voxels: int = 0
+    pdff_erosion_voxels: int = 0
+    slice_pdff_voxels: list[int] = field(default_factory=list)
     asymmetry_index_pct: float | None = None
     goutallier_grade: str | None = None
     level_method: str = ""
@@ -174,7 +184,7 @@ def measure_stack(stack: StackVolume, labels: np.ndarray, label_table: tuple[Lab
                   fat_method: str = "otsu", min_voxels: int = 20, *, bias_correction: str = "none",
                   pdff: np.ndarray | None = None, pdff_source: dict | None = None,
                   levels: SliceLevels | None = None, uncertainty: SliceUncertainty | None = None,
-                  quality: QualitySettings | None = None) -> list[MuscleMeasurement]:
+                  quality: QualitySettings | None = None, pdff_erosion_voxels: int = 0) -> list[MuscleMeasurement]:
     """Measure every label of ``label_table`` in one stack.
 
     Args:
@@ -190,6 +200,8 @@ def measure_stack(stack: StackVolume, labels: np.ndarray, label_table: tuple[Lab
         uncertainty: per-slice outline uncertainty from the segmentation, for the quality
             control (:mod:`paraspinal.quality`); without it the checks use the outlines only.
         quality: quality-control thresholds (defaults of :class:`QualitySettings` when omitted).
+        pdff_erosion_voxels: the PDFF is measured in each muscle's mask eroded in-plane by this
+            many voxels (0: the whole mask); see :func:`eroded_in_plane`.
     """
     if labels.shape != stack.pixels.shape:
         raise ValueError(f"label volume {labels.shape} does not match the stack {stack.pixels.shape}")
@@ -229,6 +241,7 @@ def measure_stack(stack: StackVolume, labels: np.ndarray, label_table: tuple[Lab
             for v, f in zip(per_slice_voxels, per_slice_fat)
         ]
         result.slice_pdff_pct = [None] * stack.n_slices
+        result.pdff_erosion_voxels = int(pdff_erosion_voxels)
         if is_found:
             present = per_slice_voxels > 0
             result.volume_cm3 = round(float(per_slice_voxels.sum()) * stack.voxel_volume_mm3 / 1000.0, 3)
@@ -238,7 +251,10 @@ def measure_stack(stack: StackVolume, labels: np.ndarray, label_table: tuple[Lab
             result.goutallier_grade = goutallier_grade(result.fat_fraction_pct)
             result.fat_method_details = _details(fat, info.value)
             if pdff is not None:
-                result.slice_pdff_pct, result.pdff_pct = _pdff_in_mask(pdff, mask)
+                measured = pdff_in_mask(pdff, mask, pdff_erosion_voxels)
+                result.slice_pdff_pct, result.slice_pdff_voxels = measured.slice_mean_pct, measured.slice_voxels
+                result.pdff_pct, result.pdff_median_pct = measured.mean_pct, measured.median_pct
+                result.pdff_voxels = measured.voxels
             result.level_measures = level_measures(result)
         results.append(result)
     _set_asymmetry(results)
@@ -272,7 +288,9 @@ def level_measures(m: MuscleMeasurement) -> list[LevelMeasure]:
         ks = by_level[level]
         csa = np.array([m.slice_csa_mm2[k] for k in ks], dtype=np.float64)
         fat = np.array([m.slice_fat_csa_mm2[k] for k in ks], dtype=np.float64)
-        known = [(m.slice_pdff_pct[k], m.slice_csa_mm2[k]) for k in ks
+        # Slice PDFFs weighted by the voxels they were measured in (the eroded mask's), else by CSA.
+        weights = m.slice_pdff_voxels if len(m.slice_pdff_voxels) == len(m.slice_csa_mm2) else m.slice_csa_mm2
+        known = [(m.slice_pdff_pct[k], weights[k]) for k in ks
                  if k < len(m.slice_pdff_pct) and m.slice_pdff_pct[k] is not None]
         pdff = (round(sum(p * a for p, a in known) / sum(a for _, a in known), 2)
                 if known and sum(a for _, a in known) > 0 else None)
@@ -284,21 +302,57 @@ def level_measures(m: MuscleMeasurement) -> list[LevelMeasure]:
     return out
 
 
-def _pdff_in_mask(pdff: np.ndarray, mask: np.ndarray) -> tuple[list[float | None], float | None]:
-    """Mean PDFF (%) per slice and over the whole mask, where at least MIN_COVERAGE of it is known."""
+def eroded_in_plane(mask: np.ndarray, voxels: int) -> np.ndarray:
+    """``mask`` (slice, row, col) eroded slice by slice: a voxel is kept when its in-plane
+    Euclidean distance to the nearest voxel outside the mask on its slice exceeds ``voxels``
+    (in voxel units; 0 keeps the mask). Depth 1 removes the voxels that share an edge with the
+    outside (a 3x3 cross erosion); deeper erosions follow a disc, not a square. Never across
+    slices: slices are thick (4-5 mm) and neighbouring slices hold the muscle elsewhere."""
+    mask = np.asarray(mask, dtype=bool)
+    if voxels <= 0:
+        return mask.copy()
+    from scipy.ndimage import distance_transform_edt
+
+    out = np.zeros_like(mask)
+    for k in np.flatnonzero(mask.any(axis=(1, 2))):
+        # Padding by one makes the image border count as outside the mask.
+        distance = distance_transform_edt(np.pad(mask[k], 1))[1:-1, 1:-1]
+        out[k] = distance > voxels
+    return out
+
+
+@dataclass
+class PdffInMask:
+    """PDFF inside one (eroded) mask: mean and median over the kept voxels with a known PDFF, %;
+    per slice the mean, %, and the voxel count; ``None`` where less than MIN_COVERAGE of the
+    kept voxels have a known PDFF or none were kept."""
+
+    mean_pct: float | None
+    median_pct: float | None
+    voxels: int
+    slice_mean_pct: list[float | None]
+    slice_voxels: list[int]
+
+
+def pdff_in_mask(pdff: np.ndarray, mask: np.ndarray, erosion_voxels: int = 0) -> PdffInMask:
+    """PDFF (``pdff`` 0..1, NaN unknown, on the mask's grid) in ``mask`` eroded in-plane by
+    ``erosion_voxels`` (:func:`eroded_in_plane`); see :class:`PdffInMask`."""
     from paraspinal.dixon import MIN_COVERAGE
 
-    per_slice = []
-    for k in range(mask.shape[0]):
-        values = pdff[k][mask[k]]
+    kept = eroded_in_plane(mask, erosion_voxels)
+    per_slice, per_slice_voxels = [], []
+    for k in range(kept.shape[0]):
+        values = pdff[k][kept[k]]
         known = values[np.isfinite(values)]
         per_slice.append(round(100.0 * float(known.mean()), 2)
                          if values.size and known.size >= MIN_COVERAGE * values.size else None)
-    values = pdff[mask]
+        per_slice_voxels.append(int(known.size))
+    values = pdff[kept]
     known = values[np.isfinite(values)]
-    overall = (round(100.0 * float(known.mean()), 2) if values.size and known.size >= MIN_COVERAGE * values.size
-               else None)
-    return per_slice, overall
+    enough = bool(values.size) and known.size >= MIN_COVERAGE * values.size
+    return PdffInMask(mean_pct=round(100.0 * float(known.mean()), 2) if enough else None,
+                      median_pct=round(100.0 * float(np.median(known)), 2) if enough else None,
+                      voxels=int(known.size), slice_mean_pct=per_slice, slice_voxels=per_slice_voxels)
 
 
 def _set_asymmetry(results: list[MuscleMeasurement]) -> None:

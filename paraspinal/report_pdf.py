@@ -40,7 +40,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID  # noqa: E402
 
-from app.config import RESEARCH_USE_STATEMENT  # noqa: E402
+from paraspinal.settings import RESEARCH_USE_STATEMENT  # noqa: E402
 from paraspinal.fat_methods import body_mask, fat_method  # noqa: E402
 from paraspinal.levels import level_sort_key  # noqa: E402
 from paraspinal.model_bundle import LabelInfo  # noqa: E402
@@ -263,6 +263,14 @@ def _bar_chart(ax, stacks: list[ReportStack], colours: dict[int, tuple[float, fl
         ax.text(0.0, -0.16, "Volume-weighted over all stacks.", transform=ax.transAxes, fontsize=6.5)
 
 
+def pdff_erosion_text(stacks: list[ReportStack]) -> str:
+    """How the Dixon PDFF was measured: the mean in each muscle's mask eroded in-plane by N voxels."""
+    depth = next((m.pdff_erosion_voxels for s in stacks for m in s.measurements if m.pdff_pct is not None), 0)
+    if not depth:
+        return "mean over the whole muscle mask, not eroded"
+    return f"mean in each muscle mask eroded in-plane by {depth} voxel{'s' if depth > 1 else ''}, away from its edge"
+
+
 def _summary_page(pdf, source: Dataset, stacks: list[ReportStack], labels: tuple[LabelInfo, ...],
                   ctx: ReportContext, page: int, total: int, generated: str) -> None:
     fig = plt.figure(figsize=A4_PORTRAIT)
@@ -284,7 +292,7 @@ def _summary_page(pdf, source: Dataset, stacks: list[ReportStack], labels: tuple
         ("Segmentation model", f"{ctx.model_name} {ctx.model_version} (weights sha256 {ctx.weights_sha256[:12]})"),
         ("Fat method (T2)", method),
         ("Dixon PDFF", (f"F/(W+F) from series '{dixon.get('water_series_description', '')}' / "
-                        f"'{dixon.get('fat_series_description', '')}'") if dixon else
+                        f"'{dixon.get('fat_series_description', '')}'; {pdff_erosion_text(stacks)}") if dixon else
          "not measured (no Dixon water and fat series on the same frame of reference)"),
         ("Slice location", level),
     ]
@@ -334,7 +342,7 @@ def _summary_page(pdf, source: Dataset, stacks: list[ReportStack], labels: tuple
     _bar_chart(ax2, stacks, colours, fat_method(ctx.fat_method).meaning)
     notes = ["Fat fraction: share of the muscle that is fat on the T2 (threshold methods: fat voxels / all voxels; "
              "signal fraction: each voxel's intensity between lean muscle and subcutaneous fat of the same slice). "
-             "Dixon PDFF, where shown, is F/(W+F) inside the same muscle. Grades: simplified Goutallier "
+             f"Dixon PDFF, where shown, is F/(W+F) inside the same muscle ({pdff_erosion_text(stacks)}). Grades: simplified Goutallier "
              "(< 10 % normal/mild, 10-50 % moderate, > 50 % severe). Asymmetry index: |R - L| / mean(R, L) of "
              "the two sides' volumes. Model Dice: the segmentation model's agreement with manual masks on held-out "
              f"real data (model card); '{NOT_EVALUATED}': no real-data accuracy figure exists for that muscle, so its "

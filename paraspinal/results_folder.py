@@ -27,15 +27,16 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from app.config import RESEARCH_USE_STATEMENT
+from paraspinal.settings import RESEARCH_USE_STATEMENT
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 MEASUREMENT_COLUMNS = [
     "study_instance_uid", "series_instance_uid", "stack", "label", "muscle", "side", "level", "found",
     "volume_cm3", "mean_csa_mm2", "max_csa_mm2", "fat_fraction_pct", "fat_method", "bias_correction",
-    "goutallier_grade", "asymmetry_index_pct", "pdff_pct", "n_slices_with_muscle", "level_method",
-    "model_held_out_dice", "review_recommended", "review_reasons", "outline_uncertainty",
+    "goutallier_grade", "asymmetry_index_pct", "pdff_pct", "pdff_median_pct", "pdff_voxels", "pdff_erosion_voxels",
+    "n_slices_with_muscle", "level_method", "model_held_out_dice", "review_recommended", "review_reasons",
+    "outline_uncertainty",
 ]
 
 
@@ -80,6 +81,9 @@ def measurement_rows(study_uid: str, stacks: list[dict[str, Any]],
                 "goutallier_grade": m.get("goutallier_grade") or "",
                 "asymmetry_index_pct": "" if m.get("asymmetry_index_pct") is None else m["asymmetry_index_pct"],
                 "pdff_pct": "" if m.get("pdff_pct") is None else m["pdff_pct"],
+                "pdff_median_pct": "" if m.get("pdff_median_pct") is None else m["pdff_median_pct"],
+                "pdff_voxels": m.get("pdff_voxels", "") if m.get("pdff_pct") is not None else "",
+                "pdff_erosion_voxels": m.get("pdff_erosion_voxels", "") if m.get("pdff_pct") is not None else "",
                 "n_slices_with_muscle": sum(1 for v in m["slice_csa_mm2"] if v > 0),
                 "level_method": m.get("level_method", ""),
                 "model_held_out_dice": held_out_dice.get(str(m["label"]), ""),
@@ -99,6 +103,9 @@ def measurement_rows(study_uid: str, stacks: list[dict[str, Any]],
                     "goutallier_grade": "",
                     "asymmetry_index_pct": "",
                     "pdff_pct": "" if lm.get("pdff_pct") is None else lm["pdff_pct"],
+                    "pdff_median_pct": "",
+                    "pdff_voxels": "",
+                    "pdff_erosion_voxels": m.get("pdff_erosion_voxels", "") if lm.get("pdff_pct") is not None else "",
                     "n_slices_with_muscle": lm["n_slices_with_muscle"],
                     "level_method": m.get("level_method", ""),
                 })

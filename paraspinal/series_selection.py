@@ -14,13 +14,12 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from app.config import SelectionRules
+from paraspinal.settings import SelectionRules
 from paraspinal.dicom_index import SeriesRecord, StudyRecord
 from paraspinal.dixon import dixon_kind
+from paraspinal.enhanced_mr import MR_IMAGE_SOP_CLASSES, explain
 from paraspinal.stacks import StackError, StackPlan, plan_stacks, slice_geometry
 
-MR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.4")
-ENHANCED_MR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.4.1")
 
 NO_SERIES_REASON = "no lumbar axial T2 series"
 
@@ -92,6 +91,12 @@ def _name(series: SeriesRecord) -> str:
     return f"series {series.series_number or series.series_uid}"
 
 
+def _explained(series: SeriesRecord, exc: Exception) -> str:
+    """The problem, naming the functional group an attribute belongs in where the series is multi-frame."""
+    multi_frame = any(r.frame_number is not None for r in series.instances)
+    return explain(str(exc)) if multi_frame else str(exc)
+
+
 def judge_series(series: SeriesRecord, rules: SelectionRules) -> SeriesDecision:
     """Apply the selection rules to one series."""
     first = series.first
@@ -101,11 +106,12 @@ def judge_series(series: SeriesRecord, rules: SelectionRules) -> SeriesDecision:
                               len(series.instances), False, reason)
 
     sop_classes = {r.sop_class_uid for r in series.instances}
-    if sop_classes == {ENHANCED_MR_IMAGE_STORAGE}:
-        return reject("Enhanced MR (multi-frame) images are not supported by this version; send classic MR images")
-    if sop_classes != {MR_IMAGE_STORAGE}:
+    if not sop_classes <= MR_IMAGE_SOP_CLASSES:
         names = ", ".join(sorted(UID(s).name for s in sop_classes))
         return reject(f"not an MR image series (SOP class {names})")
+    broken = next((r for r in series.instances if r.problem), None)
+    if broken is not None:
+        return reject(f"{_name(series)}: {broken.name}: {broken.problem}")
     if str(first.get("Modality", "")) != "MR":
         return reject(f"modality {first.get('Modality', 'missing')} is not MR")
     image_type = {str(v).upper() for v in (first.get("ImageType") or [])}
@@ -119,7 +125,7 @@ def judge_series(series: SeriesRecord, rules: SelectionRules) -> SeriesDecision:
     try:
         geometry = slice_geometry(first)
     except StackError as exc:
-        return reject(f"{_name(series)}: {series.instances[0].path.name}: {exc} (unusable geometry)")
+        return reject(f"{_name(series)}: {series.instances[0].name}: {_explained(series, exc)} (unusable geometry)")
     angle = float(np.degrees(np.arccos(min(1.0, abs(float(geometry.normal[2]))))))
     if angle > rules.axial_max_angle_deg:
         plane = "sagittal" if abs(geometry.normal[0]) > abs(geometry.normal[1]) else "coronal"
@@ -127,15 +133,24 @@ def judge_series(series: SeriesRecord, rules: SelectionRules) -> SeriesDecision:
                       f"limit {rules.axial_max_angle_deg:.0f})")
     te, tr = _float(first, "EchoTime"), _float(first, "RepetitionTime")
     if te is None or tr is None:
-        return reject("EchoTime or RepetitionTime missing or not a finite number: weighting cannot be determined")
+        missing = "EchoTime" if te is None else "RepetitionTime"
+        return reject(_explained(series, ValueError(f"{missing} missing or not a finite number: weighting cannot be "
+                                                    "determined")))
     if te < rules.min_echo_time_ms or tr < rules.min_repetition_time_ms:
         return reject(f"not T2-weighted: TE {te:g} ms, TR {tr:g} ms (need TE >= {rules.min_echo_time_ms:g}, "
                       f"TR >= {rules.min_repetition_time_ms:g})")
     try:
         plans = plan_stacks(series, rules.stack_orientation_tolerance_deg)
     except StackError as exc:
-        return reject(f"{_name(series)}: {exc} (unusable geometry)")
+        return reject(f"{_name(series)}: {_explained(series, exc)} (unusable geometry)")
     kept = [p for p in plans if len(p.instances) >= rules.min_slices_per_stack]
+    for number, plan in enumerate(kept, start=1):
+        # A SEG derives from the frames of ONE multi-frame instance (or from single-frame images).
+        multi = {r.sop_instance_uid for r in plan.instances if r.frame_number is not None}
+        if multi and (len(multi) > 1 or any(r.frame_number is None for r in plan.instances)):
+            return reject(f"stack {number} takes its slices from {len(multi)} multi-frame instance(s)"
+                          f"{' and single-frame images' if any(r.frame_number is None for r in plan.instances) else ''}"
+                          ": a SEG can reference the frames of one multi-frame instance only (not supported)")
     if not kept:
         longest = max(len(p.instances) for p in plans)
         return reject(f"too few slices: longest stack has {longest}, need at least {rules.min_slices_per_stack}")

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
+from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 import pydicom
@@ -119,11 +120,17 @@ class StackVolume:
     Attributes:
         series_uid: SeriesInstanceUID of the source series.
         index: 1-based stack number within the series (ordered by position along z).
-        datasets: the full source instances (with pixel data), in slice order.
+        datasets: one header per slice, in slice order: the full source instance (with pixel
+            data) of a classic image, the frame's flattened header (no pixel data) of a frame of a
+            multi-frame instance (see :mod:`paraspinal.enhanced_mr`).
         pixels: float32 array, voxel index order (slice, row, col), modality LUT applied.
         affine_lps: 4x4, maps (col, row, slice) indices to LPS patient mm.
         pixel_spacing_mm: (row spacing, column spacing) in mm, as DICOM PixelSpacing.
         slice_step_mm: distance between neighbouring slice centres along the normal, mm.
+        frame_numbers: per slice, the 1-based frame number in its multi-frame instance, or
+            ``None`` for a classic single-frame image; empty means all classic.
+        source_instances: the distinct source instances (full datasets) in order of first use:
+            what a SEG derives from and an SR cites as evidence; empty means ``datasets``.
     """
 
     series_uid: str
@@ -133,6 +140,21 @@ class StackVolume:
     affine_lps: np.ndarray
     pixel_spacing_mm: tuple[float, float]
     slice_step_mm: float
+    frame_numbers: list[int | None] = field(default_factory=list)
+    source_instances: list[Dataset] = field(default_factory=list)
+
+    def frame_number(self, k: int) -> int | None:
+        """Frame number (1-based) of slice ``k`` in its multi-frame instance; ``None`` if classic."""
+        return self.frame_numbers[k] if k < len(self.frame_numbers) else None
+
+    @property
+    def is_multi_frame(self) -> bool:
+        return any(f is not None for f in self.frame_numbers)
+
+    @property
+    def sources(self) -> list[Dataset]:
+        """The distinct source instances (see ``source_instances``)."""
+        return self.source_instances or self.datasets
 
     @property
     def n_slices(self) -> int:
@@ -158,7 +180,7 @@ def plan_stacks(series: SeriesRecord, orientation_tolerance_deg: float) -> list[
         try:
             entries.append((record, slice_geometry(record.header)))
         except StackError as exc:
-            raise StackError(f"{record.path.name}: {exc}") from None
+            raise StackError(f"{record.name}: {exc}") from None
     sizes = Counter((g.shape, tuple(round(s, 4) for s in g.pixel_spacing)) for _, g in entries)
     if len(sizes) > 1:
         detail = ", ".join(f"{r}x{c} @ {sp[0]}x{sp[1]} mm: {n} slices" for ((r, c), sp), n in sizes.most_common())
@@ -192,28 +214,62 @@ def plan_stacks(series: SeriesRecord, orientation_tolerance_deg: float) -> list[
     return plans
 
 
+def _decode(record: InstanceRecord) -> tuple[Dataset, np.ndarray]:
+    """The full instance and its pixel array (frames first for a multi-frame one); a decoder's
+    failure becomes a :class:`StackError` naming the file and transfer syntax."""
+    ds = None
+    try:
+        ds = pydicom.dcmread(record.path)
+        return ds, ds.pixel_array
+    except STOP_EXCEPTIONS:
+        raise
+    except BaseException as exc:
+        # Decoder errors come in many types, and a Rust codec's panic (pyo3's PanicException)
+        # derives from BaseException only: any of them is this study's failure, naming the
+        # file and transfer syntax.
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "?")
+        raise StackError(f"{record.path.name}: pixel data could not be decoded (transfer syntax {syntax}): "
+                         f"{type(exc).__name__}: {exc}") from None
+
+
+def _frame_pixels(record: InstanceRecord, array: np.ndarray) -> np.ndarray:
+    """Frame ``record.frame_number`` of a multi-frame instance's array, rescaled with the frame's
+    Pixel Value Transformation (RescaleSlope/RescaleIntercept in its flattened header)."""
+    frames = array if array.ndim == 3 else array[None]
+    if array.ndim not in (2, 3) or not 1 <= record.frame_number <= frames.shape[0]:
+        raise StackError(f"{record.name}: frame not in the pixel data (pixel array {array.shape})")
+    header = record.header
+    try:
+        slope = float(header.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(header.get("RescaleIntercept", 0.0) or 0.0)
+    except (TypeError, ValueError):
+        raise StackError(f"{record.name}: RescaleSlope/RescaleIntercept (PixelValueTransformationSequence) "
+                         "is not a number") from None
+    return frames[record.frame_number - 1].astype(np.float32) * np.float32(slope) + np.float32(intercept)
+
+
 def load_stack(plan: StackPlan, series_uid: str, index: int) -> StackVolume:
-    """Read pixel data (decoding compressed transfer syntaxes) and build the stack volume."""
-    datasets, slices = [], []
+    """Read pixel data (decoding compressed transfer syntaxes) and build the stack volume.
+
+    A multi-frame instance is read and decoded once for all its frames in the stack."""
+    datasets, slices, frame_numbers, sources = [], [], [], []
+    decoded: dict[Path, tuple[Dataset, np.ndarray]] = {}
     for record in plan.instances:
-        ds = None
-        try:
-            ds = pydicom.dcmread(record.path)
-            array = ds.pixel_array
-        except STOP_EXCEPTIONS:
-            raise
-        except BaseException as exc:
-            # Decoder errors come in many types, and a Rust codec's panic (pyo3's PanicException)
-            # derives from BaseException only: any of them is this study's failure, naming the
-            # file and transfer syntax.
-            syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "?")
-            raise StackError(f"{record.path.name}: pixel data could not be decoded (transfer syntax {syntax}): "
-                             f"{type(exc).__name__}: {exc}") from None
-        if array.ndim != 2:
-            raise StackError(f"{record.path.name}: expected a single-frame grey image, got pixel array {array.shape}")
-        datasets.append(ds)
-        slices.append(np.asarray(apply_modality_lut(array, ds), dtype=np.float32))
-        del ds
+        if record.frame_number is None:
+            ds, array = _decode(record)
+            if array.ndim != 2:
+                raise StackError(f"{record.path.name}: expected a single-frame grey image, got pixel array {array.shape}")
+            datasets.append(ds)
+            sources.append(ds)
+            slices.append(np.asarray(apply_modality_lut(array, ds), dtype=np.float32))
+            del ds
+        else:
+            if record.path not in decoded:
+                decoded[record.path] = _decode(record)
+                sources.append(decoded[record.path][0])
+            datasets.append(record.header)
+            slices.append(_frame_pixels(record, decoded[record.path][1]))
+        frame_numbers.append(record.frame_number)
     first = plan.geometries[0]
     step = plan.slice_step_mm
     if len(plan.geometries) > 1:
@@ -234,4 +290,6 @@ def load_stack(plan: StackPlan, series_uid: str, index: int) -> StackVolume:
         affine_lps=affine,
         pixel_spacing_mm=first.pixel_spacing,
         slice_step_mm=float(step),
+        frame_numbers=frame_numbers if any(f is not None for f in frame_numbers) else [],
+        source_instances=sources if any(f is not None for f in frame_numbers) else [],
     )

@@ -1,4 +1,4 @@
-"""The listener: a pynetdicom Storage SCP (MR, Enhanced MR, Segmentation) and Verification SCP.
+"""The listener: a pynetdicom Storage SCP (MR, Enhanced MR, Legacy Converted Enhanced MR, Segmentation) and Verification SCP.
 
 Each handler does one thing and returns a status:
 
@@ -56,6 +56,7 @@ from pydicom.uid import (
     JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
+    LegacyConvertedEnhancedMRImageStorage,
     MRImageStorage,
     SegmentationStorage,
     RLELossless,
@@ -75,9 +76,11 @@ from paraspinal.levels import labels_spine_levels
 
 log = logging.getLogger(__name__)
 
-#: MR images, and Segmentation for a SEG that labels the lumbar vertebrae/discs on the images'
-#: frame of reference (the lumbar level source, ``paraspinal.levels``).
-STORAGE_SOP_CLASSES = (MRImageStorage, EnhancedMRImageStorage, SegmentationStorage)
+#: MR images (classic, Enhanced and Legacy Converted Enhanced multi-frame), and Segmentation for a
+#: SEG that labels the lumbar vertebrae/discs on the images' frame of reference (the lumbar level
+#: source, ``paraspinal.levels``).
+STORAGE_SOP_CLASSES = (MRImageStorage, EnhancedMRImageStorage, LegacyConvertedEnhancedMRImageStorage,
+                       SegmentationStorage)
 
 #: Transfer syntaxes accepted for storage, in order of preference.
 ACCEPTED_TRANSFER_SYNTAXES = (

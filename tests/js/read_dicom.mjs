@@ -207,7 +207,7 @@ function readSeg(dataset, meta, arrayBuffer, sourceFiles) {
   }
 
   let adapter = null;
-  if (sourceFiles.length) adapter = decodeWithCornerstoneAdapter(arrayBuffer, sourceFiles);
+  if (sourceFiles.length) adapter = decodeWithCornerstoneAdapter(arrayBuffer, sourceFiles, segOrientation(dataset));
 
   return {
     rows,
@@ -227,13 +227,44 @@ function readSeg(dataset, meta, arrayBuffer, sourceFiles) {
 
 // Cornerstone-style metadata provider over naturalised source images (what OHIF's
 // metadata store returns for these module names).
-function buildSourceStack(sourceFiles) {
-  const images = sourceFiles.map((f) => {
-    const { dataset } = readNaturalized(f);
+// The SEG's (shared) plane orientation, to pick one stack's frames out of a multi-frame source.
+function segOrientation(seg) {
+  const shared = asArray(seg.SharedFunctionalGroupsSequence)[0] || {};
+  const plane = asArray(shared.PlaneOrientationSequence)[0];
+  return plane ? asArray(plane.ImageOrientationPatient).map(Number) : null;
+}
+
+// A functional group macro's first item for frame k of a multi-frame image (per-frame over shared).
+function frameGroup(ds, k, keyword) {
+  const perFrame = asArray(ds.PerFrameFunctionalGroupsSequence)[k] || {};
+  const shared = asArray(ds.SharedFunctionalGroupsSequence)[0] || {};
+  return asArray(perFrame[keyword])[0] || asArray(shared[keyword])[0] || {};
+}
+
+// One entry per source image; a multi-frame source (Enhanced MR) gives one entry per frame of the
+// SEG's orientation, with an imageId ending "?frame=<0-based>" as cornerstone's WADO loader names
+// frames (dcmjs matches ReferencedFrameNumber to it), as OHIF shows such a stack.
+function sourceImages(file, orientation) {
+  const { dataset } = readNaturalized(file);
+  if (!dataset.PerFrameFunctionalGroupsSequence) {
     const iop = asArray(dataset.ImageOrientationPatient).map(Number);
     const ipp = asArray(dataset.ImagePositionPatient).map(Number);
-    return { file: f, dataset, iop, ipp };
+    return [{ file, dataset, iop, ipp, frame: null }];
+  }
+  const out = [];
+  asArray(dataset.PerFrameFunctionalGroupsSequence).forEach((_, k) => {
+    const iop = asArray(frameGroup(dataset, k, "PlaneOrientationSequence").ImageOrientationPatient).map(Number);
+    const ipp = asArray(frameGroup(dataset, k, "PlanePositionSequence").ImagePositionPatient).map(Number);
+    const measures = frameGroup(dataset, k, "PixelMeasuresSequence");
+    if (orientation && iop.some((v, i) => Math.abs(v - orientation[i]) > 1e-4)) return;
+    const frameDataset = { ...dataset, PixelSpacing: measures.PixelSpacing, SliceThickness: measures.SliceThickness };
+    out.push({ file, dataset: frameDataset, iop, ipp, frame: k });
   });
+  return out;
+}
+
+function buildSourceStack(sourceFiles, orientation = null) {
+  const images = sourceFiles.flatMap((f) => sourceImages(f, orientation));
   if (!images.length) throw new Error("no source images");
   // Sort along the slice normal, as a viewer sorts a stack.
   const [r0, r1, r2, c0, c1, c2] = images[0].iop;
@@ -242,7 +273,7 @@ function buildSourceStack(sourceFiles) {
   images.sort((a, b) => dist(a) - dist(b));
   const byId = new Map();
   const imageIds = images.map((im, i) => {
-    const id = `dcmfile:${i}:${path.resolve(im.file)}`;
+    const id = `dcmfile:${i}:${path.resolve(im.file)}` + (im.frame === null ? "" : `?frame=${im.frame}`);
     byId.set(id, im);
     return id;
   });
@@ -290,12 +321,12 @@ function buildSourceStack(sourceFiles) {
   return { images, imageIds, provider };
 }
 
-function decodeWithCornerstoneAdapter(arrayBuffer, sourceFiles) {
+function decodeWithCornerstoneAdapter(arrayBuffer, sourceFiles, orientation = null) {
   const adapterNs = dcmjs.adapters && dcmjs.adapters.Cornerstone && dcmjs.adapters.Cornerstone.Segmentation;
   if (!adapterNs || typeof adapterNs.generateToolState !== "function") {
     return { available: false, reason: "dcmjs.adapters.Cornerstone.Segmentation.generateToolState not in this dcmjs" };
   }
-  const { images, imageIds, provider } = buildSourceStack(sourceFiles);
+  const { images, imageIds, provider } = buildSourceStack(sourceFiles, orientation);
   const result = adapterNs.generateToolState(imageIds, arrayBuffer, provider);
   if (!result) return { available: true, decoded: false, reason: "generateToolState returned nothing" };
   const slice = toNumber(images[0].dataset.Rows) * toNumber(images[0].dataset.Columns);

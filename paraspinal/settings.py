@@ -1,0 +1,40 @@
+"""Settings and statements the domain code reads; loaded and validated by ``app.config``
+(one YAML file, ``config/default.yaml``), defined here so that ``paraspinal`` never imports ``app``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+RESEARCH_USE_STATEMENT = (
+    "RESEARCH USE ONLY. Not a medical device; not validated for clinical use. "
+    "Results are produced automatically and must be reviewed by a qualified reader."
+)
+
+
+@dataclass(frozen=True)
+class SelectionRules:
+    """Rules that pick the lumbar axial T2 series out of a study."""
+
+    axial_max_angle_deg: float
+    min_echo_time_ms: float
+    min_repetition_time_ms: float
+    min_slices_per_stack: int
+    excluded_image_types: tuple[str, ...]
+    excluded_body_parts: tuple[str, ...]
+    preferred_description_words: tuple[str, ...]
+    avoided_description_words: tuple[str, ...]
+    stack_orientation_tolerance_deg: float
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """Series numbers, descriptions and device identity of the SEG, SR and report written."""
+
+    seg_series_number: int
+    sr_series_number: int
+    report_series_number: int
+    seg_series_description: str
+    sr_series_description: str
+    manufacturer: str
+    manufacturer_model_name: str
+    institution_name: str
