@@ -62,7 +62,8 @@ image:
 	IMAGE=$(IMAGE) FLAVOUR=$(FLAVOUR) container/build-image.sh
 
 test-image: venv
-	$(RUN) $(PY) -m pytest -q -rs -p no:cacheprovider container/test_image.py
+	$(RUN) $(PY) -m pytest -q -rs -p no:cacheprovider container/test_image.py; status=$$?; \
+	  cat build/image/figures.json 2>/dev/null; exit $$status
 
 map: venv
 	PY=$(PY) container/package-map.sh

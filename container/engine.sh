@@ -27,7 +27,8 @@ start() {
     --storage-driver overlay2 --iptables=false --ip6tables=false --bridge=none --ip-forward=false \
     --ip-masq=false >"$ROOT/dockerd.log" 2>&1 &
   for _ in $(seq 60); do
-    if DOCKER_HOST=$SOCK docker version >/dev/null 2>&1; then echo "export DOCKER_HOST=$SOCK"; return; fi
+    if DOCKER_HOST=$SOCK docker version >/dev/null 2>&1; then
+      echo "export DOCKER_HOST=$SOCK PARASPINAL_ENGINE_STARTED=1"; return; fi
     kill -0 $! 2>/dev/null || why "dockerd exited: $(tail -3 "$ROOT/dockerd.log" | tr '\n' ' ')"
     sleep 1
   done
