@@ -187,6 +187,14 @@ def test_run_under_an_arbitrary_user_without_a_passwd_entry_starts_the_pipeline(
     assert "Traceback" not in text and "PermissionError" not in text, text[-3000:]
 
 
+def test_serve_refuses_a_state_volume_it_cannot_write_with_a_clear_error(image, tmp_path):
+    state = tmp_path / "root-owned"
+    state.mkdir(mode=0o755)  # owned by root, as a volume nobody chowned
+    proc = docker("run", "--rm", "--network", "none", "-v", f"{state}:/var/lib/paraspinal", image, check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "error: the working directory /var/lib/paraspinal is not writable by uid 10001" in proc.stderr, proc.stderr
+
+
 def test_serve_is_healthy_round_trips_a_study_from_the_host_and_stops_gracefully(image, tmp_path):
     pacs = start_storescp(tmp_path / "pacs", ae_title="PACS")
     state = owned_folder(tmp_path / "state", IMAGE_UID)
