@@ -61,8 +61,9 @@ FLAVOUR ?= cpu
 image:
 	IMAGE=$(IMAGE) FLAVOUR=$(FLAVOUR) container/build-image.sh
 
+# No $(RUN) here: a Docker engine started by the test inherits the stack limit as its hard limit.
 test-image: venv
-	$(RUN) $(PY) -m pytest -q -rs -p no:cacheprovider container/test_image.py; status=$$?; \
+	$(PY) -m pytest -q -rs -p no:cacheprovider container/test_image.py; status=$$?; \
 	  cat build/image/figures.json 2>/dev/null; exit $$status
 
 map: venv
