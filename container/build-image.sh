@@ -18,7 +18,11 @@ mkdir -p build/image
 
 if [ "$BASE_IMAGE" = debian-local ]; then
   if ! docker image inspect "$LOCAL_BASE" >/dev/null 2>&1; then
-    command -v mmdebstrap >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends mmdebstrap
+    if ! command -v mmdebstrap >/dev/null 2>&1; then
+      export DEBIAN_FRONTEND=noninteractive
+      apt-get install -y -q --no-install-recommends mmdebstrap \
+        || { apt-get update -q && apt-get install -y -q --no-install-recommends mmdebstrap; }
+    fi
     echo "build-image: making $LOCAL_BASE (Debian bookworm, python3 3.11) with mmdebstrap"
     mmdebstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
       --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
