@@ -39,7 +39,9 @@ stop() {
   [ -f "$ROOT/dockerd.pid" ] || return 0
   pid=$(cat "$ROOT/dockerd.pid")
   kill "$pid" 2>/dev/null || true
-  for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || return 0; sleep 1; done
+  for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+  # dockerd leaves its network namespace mounted; without this the folder cannot be removed.
+  umount "$ROOT/exec/netns/default" 2>/dev/null || true
 }
 
 case "${1:-start}" in start) start ;; stop) stop ;; *) echo "usage: $0 start|stop" >&2; exit 2 ;; esac
