@@ -18,7 +18,7 @@
 #   CUDA_RUNTIME the CUDA 13 runtime wheel Holoscan needs (libcudart.so.13), in both flavours:
 #                holoscan-cu13 imports it even on CPU.
 # Local inputs (see their README.md): wheels/ (local wheel folder, used first) and certs/
-# (extra CA certificates, e.g. a corporate or TLS-inspecting proxy CA, trusted by apt and pip).
+# (extra CA certificates, e.g. a corporate or TLS-inspecting proxy CA, trusted by pip and the image).
 # The build context is filtered by .dockerignore (no .venv, .git, tests or build output).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
