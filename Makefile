@@ -11,7 +11,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat requirements.txt | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-runtime.txt | sha1sum | cut -c1-12)
 NODE_STAMP := tests/js/node_modules/.installed
 DEMO_DIR ?= build/demo
 # Holoscan wants a 32 MB stack.
@@ -24,7 +24,7 @@ BENCH_ARGS ?=
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt requirements-runtime.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $$( [ -d /opt/wheels ] && echo --find-links /opt/wheels ) -r requirements.txt
@@ -52,3 +52,24 @@ model: venv
 
 clean-demo:
 	rm -rf $(DEMO_DIR)
+
+# The container image and the MAP (README "Deployment (container)", "Building the MAP"):
+#   make image       - docker build of the node image (IMAGE, FLAVOUR=cpu|gpu, BASE_IMAGE; container/build-image.sh)
+#   make test-image  - builds the image and exercises it: batch run, serve + health + C-STORE round trip,
+#                      graceful stop, a broken image reported unhealthy, the MAP layout run on CPU
+#                      (starts its own Docker engine when none answers; skips only where none can start)
+#   make map         - monai-deploy package from a clean git archive export (MAP_TAG, MAP_SOURCE)
+IMAGE ?= paraspinal-node:dev
+FLAVOUR ?= cpu
+.PHONY: image test-image map
+
+image:
+	IMAGE=$(IMAGE) FLAVOUR=$(FLAVOUR) container/build-image.sh
+
+# No $(RUN) here: a Docker engine started by the test inherits the stack limit as its hard limit.
+test-image: venv
+	$(PY) -m pytest -q -rs -p no:cacheprovider container/test_image.py; status=$$?; \
+	  cat build/image/figures.json 2>/dev/null; exit $$status
+
+map: venv
+	PY=$(PY) container/package-map.sh

@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--recent", type=int, default=20, help="how many recent studies to list")
     status.add_argument("--health", action="store_true",
-                        help="exit 0 when the node is healthy (fresh heartbeat, listener answers C-ECHO), else 1")
+                        help="exit 0 when the node is healthy (fresh heartbeat, a worker ready to analyse, listener "
+                             "answers C-ECHO), else 1")
     status.set_defaults(func=cmd_status)
     demo = sub.add_parser("demo", help="end to end on this machine: archive + node + synthetic study")
     demo.add_argument("--workdir", default="build/demo",

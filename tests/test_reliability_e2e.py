@@ -20,6 +20,7 @@ Needs the model bundle (models/paraspinal_t2ax or $PARASPINAL_TEST_MODEL); skipp
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import time
 
@@ -43,6 +44,7 @@ from reliability.harness import (
     start_node,
     wait_until,
 )
+from paraspinal.model_bundle import find_bundle
 from reliability.scu import send_files
 
 MODEL = find_model()
@@ -251,5 +253,29 @@ def test_a_decoder_panic_or_a_hung_analysis_fails_alone_and_the_node_goes_on(tmp
         assert node.events("analysis_timeout")
         wait_until(lambda: len(node.events("worker_ready")) >= 2, 60, "a replacement worker", alive=node.alive)
         assert node_status(node, "--health").returncode == 0
+    finally:
+        node.stop()
+
+
+def test_a_worker_that_cannot_load_the_model_makes_the_node_unhealthy_and_fails_studies_with_the_reason(tmp_path):
+    """A model bundle whose weights cannot be loaded (not TorchScript): the node starts and
+    answers C-ECHO, but ``status --health`` (the container's HEALTHCHECK) exits 1 naming the
+    worker's load error, and a study sent meanwhile fails with that reason instead of hanging."""
+    broken = tmp_path / "models" / "broken_bundle"
+    shutil.copytree(find_bundle(MODEL), broken)
+    (broken / "models" / "model.ts").write_bytes(b"not a TorchScript archive\n")
+    node = start_node(tmp_path / "node", broken.parent, quiet_period_s=0.5, wait_ready=False)
+    try:
+        wait_until(lambda: node.events("worker_load_error"), 120, "the worker's load error", alive=node.alive)
+        health = node_status(node, "--health")
+        assert health.returncode == 1, health.stdout + health.stderr
+        assert health.stdout.startswith("unhealthy: no analysis worker can analyse: "), health.stdout
+        assert "model.ts" in health.stdout or "RuntimeError" in health.stdout, health.stdout
+        study = make_study(tmp_path / "study", seed=601, n_slices=4)
+        assert all(s == 0 for _, s in send_files(study.paths, node.port, "SCU"))
+        wait_until(lambda: (node.study(study.study_uid) or {}).get("status") == "failed", 60, "the study to fail",
+                   interval_s=0.2, alive=node.alive)
+        assert node.study(study.study_uid)["reason"].split(":")[0] in health.stdout
+        assert node_status(node, "--health").returncode == 1
     finally:
         node.stop()

@@ -184,6 +184,23 @@ def test_health_check_ae_title_may_echo_but_not_store(tmp_path):
         assert _spooled(node) == []
 
 
+def test_health_check_is_unhealthy_while_no_worker_can_analyse(tmp_path):
+    """Fresh heartbeat and a listener that answers C-ECHO are not enough: with no worker that
+    has the pipeline and the model loaded the node is unhealthy, and the reason names the
+    worker's error; once a worker is ready it is healthy."""
+    with running_listener(tmp_path) as node:
+        now = time.time()
+        info = {"heartbeat_at": str(now), "started_at": str(now - 5), "stopped_at": "", "port": str(node.port)}
+        error = "ImportError: libcudart.so.13: cannot open shared object file: No such file or directory"
+        healthy, why = health(node.settings, dict(info, workers_ready="0", worker_error=error))
+        assert not healthy and why == f"no analysis worker can analyse: {error}"
+        healthy, why = health(node.settings, dict(info, workers_ready="0", worker_error=""))
+        assert not healthy and "still loading" in why
+        assert health(node.settings, info)[0] is False  # a node that never said: not healthy either
+        healthy, why = health(node.settings, dict(info, workers_ready="1", worker_error=""))
+        assert healthy and "1 worker(s) ready" in why, why
+
+
 # ---- transport and data set limits --------------------------------------------------------------
 
 
@@ -599,7 +616,8 @@ def test_sender_delivers_over_tls_and_the_health_check_speaks_tls(tmp_path, pki)
         node.start()
         try:
             now = time.time()
-            info = {"heartbeat_at": str(now), "started_at": str(now - 5), "stopped_at": "", "port": str(node.port)}
+            info = {"heartbeat_at": str(now), "started_at": str(now - 5), "stopped_at": "", "port": str(node.port),
+                    "workers_ready": "1"}
             healthy, why = health(settings, info)
             assert healthy, why
             stale = dict(info, heartbeat_at=str(now - 600))

@@ -1,5 +1,5 @@
 """``python -m app status``: what the node has received, analysed and sent, from its database;
-``--health``: whether it is alive (the container's HEALTHCHECK)."""
+``--health``: whether it is alive and can analyse (the container's HEALTHCHECK)."""
 
 from __future__ import annotations
 
@@ -77,8 +77,10 @@ def format_status(summary: dict[str, Any], now: float | None = None) -> str:
 
 def health(settings, info: dict[str, str], now: float | None = None) -> tuple[bool, str]:
     """Is the node healthy? Its heartbeat (written every few seconds by the scheduler) must be
-    younger than ``health_max_heartbeat_age_s`` and its listener must answer a C-ECHO from
-    ``health_check_ae_title`` (over TLS when the listener uses TLS).
+    younger than ``health_max_heartbeat_age_s``, at least one analysis worker must have the
+    pipeline and the model loaded (``workers_ready``; a node that receives but cannot analyse
+    is not healthy), and its listener must answer a C-ECHO from ``health_check_ae_title``
+    (over TLS when the listener uses TLS).
 
     Returns (healthy, one line saying why).
     """
@@ -94,6 +96,10 @@ def health(settings, info: dict[str, str], now: float | None = None) -> tuple[bo
         return False, f"the node stopped {_ago(stopped, now)}"
     if age > settings.health_max_heartbeat_age_s:
         return False, f"heartbeat {age:.0f} s old (limit {settings.health_max_heartbeat_age_s:g} s)"
+    ready = int(_float(info.get("workers_ready")) or 0)
+    if ready < 1:
+        why = info.get("worker_error") or "the workers are still loading the pipeline and model"
+        return False, f"no analysis worker can analyse: {why}"
     host = settings.bind_address
     try:
         if ipaddress.ip_address(host).is_unspecified:
@@ -110,4 +116,4 @@ def health(settings, info: dict[str, str], now: float | None = None) -> tuple[bo
     if status != 0:
         return False, f"listener {host}:{port} did not answer C-ECHO" + ("" if status is None else
                                                                        f" with success (0x{status:04X})")
-    return True, f"ok: heartbeat {age:.0f} s old, C-ECHO {host}:{port} answered"
+    return True, f"ok: heartbeat {age:.0f} s old, {ready} worker(s) ready, C-ECHO {host}:{port} answered"

@@ -85,8 +85,12 @@ def _die_with_parent() -> None:
         pass
 
 
-def init_worker(model_path: str, device: str | None, log_level: str, hash_uids: bool = False) -> None:
-    """Process set-up: signals, logging as key=value lines, then load the model once."""
+def init_worker(model_path: str, device: str | None, log_level: str, hash_uids: bool = False) -> str | None:
+    """Process set-up: signals, logging as key=value lines, then load the pipeline and the model once.
+
+    Returns None when the worker can analyse, else why it cannot (the pipeline does not import,
+    the model does not load): the worker then fails each study with that reason, and the
+    node's health check reports it."""
     _die_with_parent()
     # A terminal's Ctrl-C reaches the whole process group: the node stops gracefully on it, and
     # its workers should not be cut short behind its back. (A worker that dies while the node
@@ -103,25 +107,27 @@ def init_worker(model_path: str, device: str | None, log_level: str, hash_uids: 
 
     # Value validation warnings quote the value (possibly patient data) on stderr.
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-    import app.application  # noqa: F401  (Holoscan, MONAI Deploy, highdicom: import cost paid at start)
-    from paraspinal.model_bundle import load_bundle
-
     try:
+        import app.application  # noqa: F401  (Holoscan, MONAI Deploy, highdicom: import cost paid at start)
+        from paraspinal.model_bundle import load_bundle
+
         bundle = load_bundle(Path(model_path), device)
-    except Exception as exc:  # studies will fail with this reason; the node keeps running
-        log_event(log, logging.ERROR, "worker_model_error", pid=os.getpid(), error=f"{type(exc).__name__}: {exc}")
-        return
+    except Exception as exc:  # studies will fail with this reason; the node keeps running, unhealthy
+        error = f"{type(exc).__name__}: {exc}"
+        log_event(log, logging.ERROR, "worker_load_error", pid=os.getpid(), error=error)
+        return error
     log_event(log, logging.INFO, "worker_ready", pid=os.getpid(), model=bundle.name, version=bundle.version,
               device=str(bundle.device), weights_sha256=bundle.weights_sha256[:12])
+    return None
 
 
 def analyse_study(study_uid: str, study_dir: str, results_dir: str, model_path: str, config: Config,
                   device: str | None) -> JobResult:
     """Run the pipeline on one study's spool folder (in a worker process)."""
-    from app.application import run_batch
-
     start = time.monotonic()
     try:
+        from app.application import run_batch
+
         outcomes = run_batch(Path(study_dir), Path(results_dir), Path(model_path), config, device)
     except Exception as exc:  # e.g. the bundle cannot be loaded: the study fails, the worker lives
         return JobResult(study_uid, "failed", f"{type(exc).__name__}: {exc}", None,
@@ -136,13 +142,15 @@ def analyse_study(study_uid: str, study_dir: str, results_dir: str, model_path: 
 
 
 def worker_main(conn: Connection, model_path: str, device: str | None, log_level: str, hash_uids: bool) -> None:
-    """A worker process: set up, say ``ready``, then run jobs from the pipe until told to stop.
+    """A worker process: set up, say ``ready`` (or ``unready`` and why), then run jobs from the
+    pipe until told to stop.
 
-    Messages to the node: ``("ready", pid)``, ``("started", study_uid)``, ``("done", JobResult)``.
-    Jobs from the node: ``(study_uid, study_dir, results_dir, model_path, config, device)``; None ends.
+    Messages to the node: ``("ready", pid)`` or ``("unready", reason)``, ``("started", study_uid)``,
+    ``("done", JobResult)``. Jobs from the node: ``(study_uid, study_dir, results_dir, model_path,
+    config, device)``; None ends.
     """
-    init_worker(model_path, device, log_level, hash_uids)
-    conn.send(("ready", os.getpid()))
+    error = init_worker(model_path, device, log_level, hash_uids)
+    conn.send(("ready", os.getpid()) if error is None else ("unready", error))
     while True:
         try:
             job = conn.recv()
@@ -187,6 +195,7 @@ class WorkerProcess:
         self.process.start()
         child.close()
         self.ready = False
+        self.load_error: str | None = None  # why this worker cannot analyse (it said "unready")
         self.claim: Claim | None = None
         self.started_at: float | None = None  # monotonic, when the worker began the current job
         self.result: JobResult | None = None
@@ -202,6 +211,8 @@ class WorkerProcess:
                 kind, payload = self.conn.recv()
                 if kind == "ready":
                     self.ready = True
+                elif kind == "unready":
+                    self.load_error = str(payload)
                 elif kind == "started":
                     self.started_at = time.monotonic()
                 elif kind == "done":
@@ -247,6 +258,8 @@ class Dispatcher:
         self._respawn_delay: list[float] = []   # grows while workers die before they are ready
         self._started = 0
         self._accepting = False
+        self._load_error = ""  # the latest reason a worker could not load the pipeline and model
+        self._published: tuple[int, str] | None = None  # (workers_ready, worker_error) last written
         self.destinations = [destination_key(d.ae_title, d.host, d.port) for d in settings.destinations]
 
     def _spawn(self) -> WorkerProcess:
@@ -260,6 +273,7 @@ class Dispatcher:
         self._respawn_at = [0.0] * self.n_workers
         self._respawn_delay = [0.0] * self.n_workers
         self._accepting = True
+        self._publish_readiness()
         log_event(log, logging.INFO, "workers_starting", workers=self.n_workers, model_path=self.model_path,
                   analysis_timeout_s=self.settings.analysis_timeout_s)
 
@@ -285,6 +299,8 @@ class Dispatcher:
             if worker.ready and not was_ready:
                 self._respawn_delay[index] = 0.0
                 self.state.set_info(worker_ready_at=time.time())
+            if worker.load_error:
+                self._load_error = worker.load_error
             if worker.result is not None and worker.claim is not None:
                 claim, result = worker.claim, worker.result
                 worker.claim, worker.result, worker.started_at = None, None, None
@@ -313,12 +329,28 @@ class Dispatcher:
             worker.claim, worker.started_at = claim, None
             log_event(log, logging.INFO, "analysis_started", study=claim.study_uid, attempt=claim.attempt,
                       busy=self.busy, workers=self.n_workers, worker_pid=worker.pid)
+        self._publish_readiness()
         return ended
+
+    @property
+    def ready(self) -> int:
+        """Worker processes alive with the pipeline and the model loaded."""
+        return sum(1 for w in self._workers if w is not None and w.ready and w.process.is_alive())
+
+    def _publish_readiness(self) -> None:
+        """Write ``workers_ready`` and ``worker_error`` to the node info when they change: the
+        health check reports a node none of whose workers can analyse as unhealthy."""
+        current = (self.ready, "" if self.ready else self._load_error)
+        if current != self._published:
+            self.state.set_info(workers_ready=current[0], worker_error=current[1])
+            self._published = current
 
     def _replace(self, index: int, worker: WorkerProcess, why: str) -> int:
         """End ``worker`` (dead or over time), fail its study with the reason, start another."""
         exitcode = worker.process.exitcode
         worker.kill()
+        if why == "died" and not worker.ready and not worker.load_error:
+            self._load_error = f"a worker process ended (exit code {exitcode}) before it loaded the pipeline and model"
         if why == "died":
             log_event(log, logging.ERROR if worker.claim else logging.WARNING, "worker_pool_broken", pid=worker.pid,
                       exitcode=exitcode, study=worker.claim.study_uid if worker.claim else "-",
