@@ -503,15 +503,16 @@ def build_measurement_report(results: list[tuple[StackVolume, SegmentationResult
       "stack N <muscle> <side> level <L>" with the mean CSA (mm2) and fat fraction (%) over the
       slices at that level, finding sites the muscle and the level, referencing the segment and
       the source images of those slices; where Dixon PDFF was measured there, "... level <L> PDFF";
-    * with ``outlines``, the groups a viewer can draw (OHIF and most PACS viewers show only groups
+    * with ``per_slice_groups``, per slice holding the muscle, a planar group (TID 1410)
+      "stack N <muscle> <side> slice K z <z> mm" (or "level <L>" where determined) with CSA, fat
+      CSA, lean CSA (mm2) and fat fraction (%), and where measured "... PDFF" with the slice PDFF;
+    * last (OHIF 3.13.2 stops matching at the first group without geometry, from the end), with
+      ``outlines``, the groups a viewer can draw (OHIF and most PACS viewers show only groups
       with image-region geometry): per key slice (one per lumbar level, else per ~30 mm band, the
       PDF's key images) and muscle, a planar group (TID 1410) "erector spinae left, L4/L5" (or
       "..., slice 12") whose region is the muscle's outline, a closed SCOORD POLYLINE on that
       source image, with area (mm2), fat fraction (%) and Dixon PDFF (%) where measured
-      (:func:`outline_groups`; ``evaluate_outline`` may add qualitative evaluations to each);
-    * with ``per_slice_groups``, per slice holding the muscle, a planar group (TID 1410)
-      "stack N <muscle> <side> slice K z <z> mm" (or "level <L>" where determined) with CSA, fat
-      CSA, lean CSA (mm2) and fat fraction (%), and where measured "... PDFF" with the slice PDFF.
+      (:func:`outline_groups`; ``evaluate_outline`` may add qualitative evaluations to each).
 
     The fat method (and N4) is the measurement method of each fat group and of each fat
     measurement (private scheme 99PARASPINAL, declared in CodingSchemeIdentificationSequence).
@@ -555,7 +556,7 @@ def build_measurement_report(results: list[tuple[StackVolume, SegmentationResult
     key = ([first_stack.series_uid, bundle.weights_sha256] + [s.dataset.SOPInstanceUID for _, s, _ in results]
            + [content_key(m for _, _, measures in results for m in measures)])
     evidence = [seg.dataset for _, seg, _ in results] + [ds for stack, _, _ in results for ds in stack.datasets]
-    report = _measurement_report(groups + pdff_groups + level_groups + drawn + slice_groups, bundle, settings)
+    report = _measurement_report(groups + pdff_groups + level_groups + slice_groups + drawn, bundle, settings)
     # highdicom's SR constructor deep-copies and re-parses the whole content tree and searches it
     # for references: seconds for thousands of per-slice items that highdicom built and checked
     # when they were made. It gets the same report without the per-slice groups; the complete
@@ -584,6 +585,46 @@ def build_measurement_report(results: list[tuple[StackVolume, SegmentationResult
         for tag, value in root.items():
             sr[tag] = value
         sr._content = hd.sr.ContentSequence([root], is_root=True)
+    sr.CodingSchemeIdentificationSequence = [_private_scheme_identification()]
+    return sr
+
+
+def build_viewer_report(results: list[tuple[StackVolume, SegmentationResult, list[MuscleMeasurement]]],
+                        bundle: ModelBundle, settings: OutputSettings, *,
+                        evaluate_outline: OutlineEvaluator | None = None) -> Dataset | None:
+    """The SR for viewers: a TID 1500 Comprehensive 3D SR holding only the outline groups of
+    :func:`build_measurement_report` (:func:`outline_groups`: per key slice and muscle, the closed
+    POLYLINE outline with area mm2, fat fraction % and PDFF %), in its own series
+    (``settings.viewer_sr_series_number``); ``None`` when no muscle was outlined.
+
+    Why a second object: OHIF 3.13.2 fails on an SR that holds any measurement group without
+    image-region geometry (its SR viewport throws "Cannot read properties of undefined (reading
+    'ReferencedSOPSequence')"), and the complete SR keeps its volumetric and per-slice groups
+    for 3D Slicer / dcmqi. UIDs are derived like the complete SR's, with their own suffix."""
+    several_stacks = len(results) > 1
+    drawn = [group for stack, seg, measures in results
+             for group in outline_groups(stack, seg, measures, bundle, stack.index if several_stacks else None,
+                                         evaluate_outline)]
+    if not drawn:
+        return None
+    first_stack = results[0][0]
+    key = ([first_stack.series_uid, bundle.weights_sha256] + [s.dataset.SOPInstanceUID for _, s, _ in results]
+           + [content_key(m for _, _, measures in results for m in measures)])
+    evidence = [ds for stack, _, _ in results for ds in stack.datasets]
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=_measurement_report(drawn, bundle, settings),
+        series_instance_uid=stable_uid(*key, "viewer-sr-series"),
+        series_number=settings.viewer_sr_series_number,
+        sop_instance_uid=stable_uid(*key, "viewer-sr-instance"),
+        instance_number=1,
+        manufacturer=settings.manufacturer,
+        institution_name=settings.institution_name or None,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        series_description=settings.viewer_sr_series_description,
+    )
     sr.CodingSchemeIdentificationSequence = [_private_scheme_identification()]
     return sr
 
