@@ -3,7 +3,7 @@ OHIF screenshots and the report PDF under ``build/viewer/``, then write small co
 ``docs/screenshots/``: OHIF with the SEG overlay, OHIF with the SR outlines and values, OHIF showing
 the PDF, and the PDF's first two pages rendered by poppler's ``pdftoppm``.
 
-Each PNG is scaled to at most 1200 px wide and reduced to a 256-colour palette (< 300 KB).
+Each PNG is scaled (OHIF 1200 px wide, PDF pages 800 px) and palettised (256 / 128 colours) to stay < 300 KB.
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ MAX_WIDTH = 1200
 MAX_BYTES = 300_000
 
 
-def small_png(source: Path, target: Path, max_width: int = MAX_WIDTH) -> int:
-    """Write ``source`` scaled to ``max_width`` px and palettised to ``target``; returns its size in bytes."""
+def small_png(source: Path, target: Path, max_width: int = MAX_WIDTH, colors: int = 256) -> int:
+    """Write ``source`` scaled to ``max_width`` px and palettised (``colors``) to ``target``; returns its
+    size in bytes."""
     image = Image.open(source).convert("RGB")
     if image.width > max_width:
         image = image.resize((max_width, round(image.height * max_width / image.width)), Image.LANCZOS)
-    image.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(target, optimize=True)
+    image.quantize(colors=colors, method=Image.Quantize.MEDIANCUT).save(target, optimize=True)
     return target.stat().st_size
 
 
@@ -46,7 +47,7 @@ def main() -> int:
         subprocess.run(["pdftoppm", "-png", "-r", "110", "-f", "1", "-l", "2", str(ARTEFACTS / "report.pdf"),
                         f"{tmp}/page"], check=True)
         for i, page in enumerate(sorted(Path(tmp).glob("page*.png")), start=1):
-            sizes[f"report_page{i}.png"] = small_png(page, DOCS / f"report_page{i}.png", max_width=900)
+            sizes[f"report_page{i}.png"] = small_png(page, DOCS / f"report_page{i}.png", max_width=800, colors=128)
     for name, size in sizes.items():
         print(f"docs/screenshots/{name}: {size / 1000:.0f} KB")
     too_big = [name for name, size in sizes.items() if size > MAX_BYTES]

@@ -180,15 +180,19 @@ def check_segmentation(page, segmentation_id: str, expected: np.ndarray, names: 
     return problems
 
 
-def sr_measurements(page, description: str) -> list[dict]:
+def sr_measurements(page, description: str, timings: Timings | None = None) -> list[dict]:
     """Open an SR series; OHIF's parsed measurements of it once matched to their images
-    (TrackingIdentifier, labels [{label, value}], referenced SOP, loaded)."""
+    (TrackingIdentifier, labels [{label, value}], referenced SOP, loaded). ``timings`` gets
+    ``sr_load_s``: from the double-click to OHIF holding the parsed measurements."""
+    start = time.monotonic()
     open_series(page, description)
     page.wait_for_function("""(desc) => {
       const ds = window.services.displaySetService.getActiveDisplaySets().find(d => (d.SeriesDescription || "").startsWith(desc));
       return ds && ds.isLoaded && ds.measurements && ds.measurements.length > 0; }""", arg=description,
                            timeout=OPEN_TIMEOUT_MS)
-    page.wait_for_timeout(3_000)
+    if timings is not None:
+        timings.values["sr_load_s"] = round(time.monotonic() - start, 2)
+    page.wait_for_timeout(3_000)  # let the viewport draw them
     return page.evaluate("""(desc) => {
       const ds = window.services.displaySetService.getActiveDisplaySets().find(d => (d.SeriesDescription || "").startsWith(desc));
       return ds.measurements.map(m => ({tracking: m.TrackingIdentifier, labels: m.labels, loaded: !!m.loaded,
