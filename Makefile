@@ -50,6 +50,7 @@ test: venv $(NODE_STAMP)
 # Playwright drives the Debian chromium (/usr/bin/chromium); it never downloads a browser.
 test-viewer: venv $(VIEWER_STAMP)
 	$(RUN) PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(PY) -m pytest -q tests/viewer
+	-@cat build/viewer/timings.json 2>/dev/null
 
 screenshots: venv $(VIEWER_STAMP)
 	$(RUN) PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(PY) -m tools.readme_screenshots

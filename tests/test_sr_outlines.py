@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from skimage.draw import polygon as fill_polygon
 
-from dicom_validators import dciodvfy_errors, dcmqi_read_sr
+from dicom_validators import dciodvfy_errors, dcmjs_read, dcmqi_read_sr
 from paraspinal.dicom_outputs import (build_measurement_report, build_segmentation, build_viewer_report,
                                       outline_tracking_identifier)
 from paraspinal.key_slices import KeySlice, key_slices
@@ -163,6 +163,21 @@ def test_dcmqi_reads_outline_groups_with_finding_laterality_and_area(outlined, b
         assert group["Laterality"]["CodeMeaning"] == sides[name]
         quantities = {item["quantity"]["CodeMeaning"] for item in group["measurementItems"]}
         assert {"Area", "Fat fraction"} <= quantities
+
+
+def test_dcmjs_reads_every_outline_group_with_its_area(outlined):
+    groups = _region_groups(outlined["paths"]["viewer"])
+    sr = dcmjs_read(outlined["paths"]["viewer"])["sr"]
+    assert sr["templateIdentifier"] == "1500"
+    read = {g["trackingIdentifier"]: g for g in sr["measurementGroups"]}
+    assert set(read) == {str(g.tracking_identifier) for g in groups}
+    for group in groups:
+        js = read[str(group.tracking_identifier)]
+        values = {m["conceptName"]["CodeMeaning"]: (float(m["value"]), m["unit"]["CodeValue"]) for m in js["measurements"]}
+        area = next(float(i.value) for i in group.get_measurements() if i.name.meaning == "Area")
+        assert values["Area"] == (pytest.approx(area), "mm2")
+        side = js["findingSites"][0]["laterality"]["CodeMeaning"].lower()
+        assert str(group.tracking_identifier).split(",")[0].endswith(side)
 
 
 def test_outline_evaluator_adds_a_qualitative_evaluation_to_each_group(outlined, bundle, config):
