@@ -59,18 +59,20 @@ def _viewport_state_js() -> str:
 
 
 def show_source_image(page, sop_instance_uid: str) -> None:
-    """Scroll the first viewport to the image of that SOP Instance UID."""
-    found = page.evaluate("""(sop) => {
-      const vp = window.cornerstone.getRenderingEngines()[0].getViewports()[0];
-      const ids = vp.getImageIds();
-      const i = ids.findIndex(id => id.includes('/instances/' + sop + '/'));
-      if (i < 0) return false;
-      vp.setImageIdIndex(i);
-      return true; }""", sop_instance_uid)
-    if not found:
-        raise AssertionError(f"OHIF's viewport has no image of SOP Instance {sop_instance_uid}")
-    page.wait_for_function("(target) => {" + _viewport_state_js() + " return sop === target; }",
-                           arg=sop_instance_uid, timeout=30_000)
+    """Scroll the first viewport to the image of that SOP Instance UID (asked again until shown:
+    OHIF may rebuild the viewport while a SEG or SR is being loaded)."""
+    try:
+        page.wait_for_function("""(target) => {
+          const cs = window.cornerstone;
+          const vp = cs.getRenderingEngines()[0].getViewports()[0];
+          const ids = vp.getImageIds();
+          const i = ids.findIndex(id => id.includes('/instances/' + target + '/'));
+          if (i < 0) return false;
+          if (vp.getCurrentImageId() !== ids[i]) { vp.setImageIdIndex(i); return false; }
+          return cs.metaData.get('instance', ids[i]).SOPInstanceUID === target; }""",
+                               arg=sop_instance_uid, polling=500, timeout=60_000)
+    except Exception as exc:  # noqa: BLE001 (say what was not shown)
+        raise AssertionError(f"OHIF did not show the image of SOP Instance {sop_instance_uid}: {exc}") from exc
     page.wait_for_timeout(1_500)  # let the overlay render
 
 
