@@ -7,12 +7,16 @@
 #   make model  - leave-one-subject-out folds, QC validation, the shipped bundle and its card
 # and the benchmarks (figures, not pass/fail; about 15 min on 2 cores):
 #   make bench  - latency, inference, ingest, concurrency, memory -> benchmarks/results/latest.{json,md}
+# and the real-viewer check (OHIF 3.13.2 on Orthanc DICOMweb in headless chromium; about 4 min):
+#   make test-viewer  - SEG, SR and PDF as OHIF shows them; screenshots in build/viewer/
+#   make screenshots  - the same, then the README's docs/screenshots/*.png
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-runtime.txt | sha1sum | cut -c1-12)
 NODE_STAMP := tests/js/node_modules/.installed
+VIEWER_STAMP := tests/viewer/node_modules/.installed
 DEMO_DIR ?= build/demo
 # Holoscan wants a 32 MB stack.
 RUN := ulimit -s 32768 2>/dev/null || true;
@@ -20,7 +24,7 @@ RUN := ulimit -s 32768 2>/dev/null || true;
 SOAK_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: demo test soak bench venv clean-demo model
+.PHONY: demo test soak bench venv clean-demo model test-viewer screenshots
 
 venv: $(STAMP)
 
@@ -34,11 +38,24 @@ $(NODE_STAMP): tests/js/package.json tests/js/package-lock.json
 	npm ci --silent --prefix tests/js
 	touch $(NODE_STAMP)
 
+# The prebuilt OHIF viewer (npm @ohif/app dist/ only: the lock pins that one tarball).
+$(VIEWER_STAMP): tests/viewer/package.json tests/viewer/package-lock.json
+	npm ci --silent --ignore-scripts --no-audit --no-fund --prefix tests/viewer
+	touch $(VIEWER_STAMP)
+
 demo: venv
 	$(RUN) $(PY) -m app demo --workdir $(DEMO_DIR)
 
 test: venv $(NODE_STAMP)
-	$(RUN) $(PY) -m pytest -q tests
+	$(RUN) $(PY) -m pytest -q tests --ignore=tests/viewer
+
+# Playwright drives the Debian chromium (/usr/bin/chromium); it never downloads a browser.
+test-viewer: venv $(VIEWER_STAMP)
+	$(RUN) PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(PY) -m pytest -q tests/viewer
+	-@cat build/viewer/timings.json 2>/dev/null
+
+screenshots: venv $(VIEWER_STAMP)
+	$(RUN) PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(PY) -m tools.readme_screenshots
 
 soak: venv
 	$(RUN) $(PY) -m reliability.soak $(SOAK_ARGS)

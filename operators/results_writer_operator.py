@@ -81,6 +81,8 @@ class ResultsWriterOperator(Operator):
                     objects[f"seg_stack{work.volume.index}.dcm"] = work.segmentation.dataset
             if job.sr is not None:
                 objects["sr.dcm"] = job.sr
+            if getattr(job, "viewer_sr", None) is not None:
+                objects["sr_viewer.dcm"] = job.viewer_sr
             report = getattr(job, "report", None)  # set by ReportOperator
             if report is not None:
                 objects["report_pdf.dcm"] = report.dataset  # Encapsulated PDF, sent with SEG and SR

@@ -6,7 +6,7 @@ from monai.deploy.core import Fragment
 
 from app.config import OutputSettings
 from operators.study_stage import StudyStageOperator
-from paraspinal.dicom_outputs import build_measurement_report
+from paraspinal.dicom_outputs import build_measurement_report, build_viewer_report
 from paraspinal.model_bundle import ModelBundle
 from paraspinal.study_job import StudyJob
 
@@ -15,8 +15,10 @@ class SRWriterOperator(StudyStageOperator):
     """Builds the measurement report: a volumetric group per found muscle per stack, each
     referencing its SEG segment, with volume (cm3), mean/max CSA (cm2) and fat fraction (%).
 
+    Also the viewer SR: the same report's outline groups alone (what OHIF can show).
+
     Input/Output:
-        study: StudyJob (``sr`` filled)
+        study: StudyJob (``sr`` and ``viewer_sr`` filled)
     """
 
     stage = "sr_encode"
@@ -29,3 +31,4 @@ class SRWriterOperator(StudyStageOperator):
     def process(self, job: StudyJob) -> None:
         results = [(w.volume, w.segmentation, w.measurements) for w in job.stacks if w.segmentation]
         job.sr = build_measurement_report(results, self.bundle, self.settings)
+        job.viewer_sr = build_viewer_report(results, self.bundle, self.settings)

@@ -13,7 +13,7 @@ import functools
 import hashlib
 import json
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -25,7 +25,9 @@ from paraspinal.enhanced_mr import seg_source_arguments, source_key
 from paraspinal.model_bundle import Code, LabelInfo, ModelBundle
 from paraspinal.quality import CHECKS
 from paraspinal.fat_methods import fat_method
+from paraspinal.key_slices import KeySlice, key_slices
 from paraspinal.levels import spine_level
+from paraspinal.muscle_outlines import Outline, muscle_outline
 from paraspinal.quantification import LevelMeasure, MuscleMeasurement
 from paraspinal.settings import OutputSettings
 from paraspinal.stacks import StackVolume
@@ -72,11 +74,14 @@ def coded(code: Code) -> hd.sr.CodedConcept:
 
 @dataclass
 class SegmentationResult:
-    """A written SEG and the segment number given to each label value."""
+    """A written SEG, the segment number given to each label value and the label array it was
+    made from ((slice, row, column) in the stack's slice order and the source images' pixel grid;
+    the SR outlines the muscles from it)."""
 
     dataset: Dataset
     segment_numbers: dict[int, int]  # label value -> segment number
     stack_index: int
+    labels: np.ndarray | None = None
 
 
 def _algorithm(bundle: ModelBundle) -> hd.AlgorithmIdentificationSequence:
@@ -146,7 +151,7 @@ def build_segmentation(stack: StackVolume, labels: np.ndarray, bundle: ModelBund
         content_creator_name="PARASPINAL^NODE",
         series_description=settings.seg_series_description,
     )
-    return SegmentationResult(dataset=seg, segment_numbers=numbers, stack_index=stack.index)
+    return SegmentationResult(dataset=seg, segment_numbers=numbers, stack_index=stack.index, labels=labels)
 
 
 # Concepts without a standard code (private scheme, declared in every SR).
@@ -170,6 +175,9 @@ UNIT_RATIO = hd.sr.CodedConcept("1", "UCUM", "no units")
 DIXON_PDFF_METHOD = hd.sr.CodedConcept("DIXONPDFF", PRIVATE_SCHEME, "Dixon proton density fat fraction F/(W+F)")
 UNIT_MM2 = hd.sr.CodedConcept("mm2", "UCUM", "square millimeter")
 UNIT_CM2 = hd.sr.CodedConcept("cm2", "UCUM", "square centimeter")
+#: The Dixon PDFF beside the T2 fat fraction in an outline group: its own name, so that a viewer
+#: listing only concept names (OHIF) does not show two "Fat fraction" lines.
+PDFF = hd.sr.CodedConcept("PDFF", PRIVATE_SCHEME, "Proton density fat fraction (Dixon)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -324,6 +332,88 @@ def _reference_frame_only(items) -> None:
         _reference_frame_only(item.get("ContentSequence", []))
 
 
+#: Hook for per-group qualitative evaluations of an outline group (e.g. a "review recommended"
+#: flag): called with the muscle's measures and the key slice, returns the evaluations to add.
+OutlineEvaluator = Callable[[MuscleMeasurement, KeySlice], Sequence[hd.sr.QualitativeEvaluation]]
+
+
+def outline_tracking_identifier(info: LabelInfo, key: KeySlice, stack_index: int | None = None) -> str:
+    """What a reader sees as the measurement's name: "erector spinae left, L4/L5" where the level is
+    known, else "erector spinae left, slice 12" (1-based slice in the stack); ``stack_index`` adds
+    "stack N: " (only for a study with several stacks)."""
+    where = key.level if key.level else f"slice {key.index + 1}"
+    prefix = f"stack {stack_index}: " if stack_index is not None else ""
+    return f"{prefix}{info.name}, {where}"[:64]
+
+
+def _outline_group(stack: StackVolume, m: MuscleMeasurement, info: LabelInfo, bundle: ModelBundle,
+                   key: KeySlice, outline: Outline, parts: _MuscleParts, stack_label: int | None,
+                   evaluations: Sequence[hd.sr.QualitativeEvaluation] = ()
+                   ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 planar group a viewer can draw: the muscle's outline on the key slice ``key.index``
+    as a closed SCOORD POLYLINE in that source image's pixel coordinates (column, row), with the
+    muscle's area on that slice (mm2, every piece of the muscle), its fat fraction (%) by the T2
+    method (the group's method) and, where measured, the Dixon PDFF (%); finding sites the muscle
+    with its laterality and, where known, the lumbar level. ``evaluations``: qualitative
+    evaluations to add (see :data:`OutlineEvaluator`)."""
+    k = key.index
+    source = stack.datasets[k]
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=outline.points,
+        source_image=hd.sr.SourceImageForRegion(str(source.SOPClassUID), str(source.SOPInstanceUID)))
+    measurements = [hd.sr.Measurement(name=AREA, value=round(m.slice_csa_mm2[k], 2), unit=UNIT_MM2,
+                                      algorithm_id=parts.algorithm)]
+    if m.slice_fat_fraction_pct[k] is not None:
+        measurements.append(hd.sr.Measurement(name=FAT_FRACTION, value=round(m.slice_fat_fraction_pct[k], 2),
+                                              unit=PERCENT, method=parts.method, algorithm_id=parts.algorithm))
+    pdff = m.slice_pdff_pct[k] if k < len(m.slice_pdff_pct) else None
+    if pdff is not None:
+        measurements.append(hd.sr.Measurement(name=PDFF, value=round(pdff, 2), unit=PERCENT,
+                                              method=DIXON_PDFF_METHOD))
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=stable_uid(stack.series_uid, str(stack.index), bundle.weights_sha256, "outline", str(info.value),
+                           str(k)),
+            identifier=outline_tracking_identifier(info, key, stack_label)),
+        referenced_region=region,
+        finding_type=parts.finding_type,
+        method=parts.method,
+        finding_sites=[parts.site, level_site(key.level)] if key.level else [parts.site],
+        algorithm_id=parts.algorithm,
+        measurements=measurements,
+        qualitative_evaluations=list(evaluations) or None,
+    )
+
+
+def outline_groups(stack: StackVolume, seg: SegmentationResult, measures: list[MuscleMeasurement],
+                   bundle: ModelBundle, stack_label: int | None = None,
+                   evaluate: OutlineEvaluator | None = None
+                   ) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """The outline groups of one stack: per key slice (:func:`paraspinal.key_slices.key_slices`, the
+    PDF's key images) and per muscle and side found on it, one :func:`_outline_group`, key slices
+    head to feet as the PDF shows them, muscles in label order. Empty without ``seg.labels``."""
+    if seg.labels is None:
+        return []
+    labels = seg.labels
+    found = [m for m in measures if m.found and m.label in seg.segment_numbers]
+    if not found:
+        return []
+    present = sorted({k for m in found for k in m.present_slices})
+    keys = key_slices(found[0].slice_z_mm, found[0].slice_level, present,
+                      lambda k: float(np.count_nonzero(labels[k])))
+    groups = []
+    for key in keys:
+        for m in found:
+            outline = muscle_outline(labels[key.index] == m.label)
+            if outline is None:
+                continue
+            info = bundle.label(m.label)
+            parts = _MuscleParts.of(m, info, bundle)
+            groups.append(_outline_group(stack, m, info, bundle, key, outline, parts, stack_label,
+                                         evaluate(m, key) if evaluate else ()))
+    return groups
+
+
 def _referenced_segment(seg: SegmentationResult, stack: StackVolume, info: LabelInfo) -> hd.sr.ReferencedSegment:
     return hd.sr.ReferencedSegment(
         sop_class_uid=seg.dataset.SOPClassUID,
@@ -464,7 +554,8 @@ def _dixon_group(seg: SegmentationResult, stack: StackVolume, m: MuscleMeasureme
 
 def build_measurement_report(results: list[tuple[StackVolume, SegmentationResult, list[MuscleMeasurement]]],
                              bundle: ModelBundle, settings: OutputSettings, *,
-                             per_slice_groups: bool = True, light_content: bool = True) -> Dataset:
+                             per_slice_groups: bool = True, light_content: bool = True,
+                             outlines: bool = True, evaluate_outline: OutlineEvaluator | None = None) -> Dataset:
     """One TID 1500 Comprehensive 3D SR for the study.
 
     Groups, each referencing its SEG segment (volumetric) or SEG frame (planar), in this order:
@@ -478,7 +569,14 @@ def build_measurement_report(results: list[tuple[StackVolume, SegmentationResult
       the source images of those slices; where Dixon PDFF was measured there, "... level <L> PDFF";
     * with ``per_slice_groups``, per slice holding the muscle, a planar group (TID 1410)
       "stack N <muscle> <side> slice K z <z> mm" (or "level <L>" where determined) with CSA, fat
-      CSA, lean CSA (mm2) and fat fraction (%), and where measured "... PDFF" with the slice PDFF.
+      CSA, lean CSA (mm2) and fat fraction (%), and where measured "... PDFF" with the slice PDFF;
+    * last (OHIF 3.13.2 stops matching at the first group without geometry, from the end), with
+      ``outlines``, the groups a viewer can draw (OHIF and most PACS viewers show only groups
+      with image-region geometry): per key slice (one per lumbar level, else per ~30 mm band, the
+      PDF's key images) and muscle, a planar group (TID 1410) "erector spinae left, L4/L5" (or
+      "..., slice 12") whose region is the muscle's outline, a closed SCOORD POLYLINE on that
+      source image, with area (mm2), fat fraction (%) and Dixon PDFF (%) where measured
+      (:func:`outline_groups`; ``evaluate_outline`` may add qualitative evaluations to each).
 
     The fat method (and N4) is the measurement method of each fat group and of each fat
     measurement (private scheme 99PARASPINAL, declared in CodingSchemeIdentificationSequence).
@@ -490,7 +588,12 @@ def build_measurement_report(results: list[tuple[StackVolume, SegmentationResult
     pdff_groups: list = []
     level_groups: list = []
     slice_groups: list = []
+    drawn: list = []
+    several_stacks = len(results) > 1
     for stack, seg, measures in results:
+        if outlines:
+            drawn += outline_groups(stack, seg, measures, bundle, stack.index if several_stacks else None,
+                                    evaluate_outline)
         frames = seg_frame_numbers(seg.dataset) if per_slice_groups else {}
         for m in measures:
             if not (m.found and m.label in seg.segment_numbers):
@@ -517,14 +620,15 @@ def build_measurement_report(results: list[tuple[StackVolume, SegmentationResult
     key = ([first_stack.series_uid, bundle.weights_sha256] + [s.dataset.SOPInstanceUID for _, s, _ in results]
            + [content_key(m for _, _, measures in results for m in measures)])
     evidence = [seg.dataset for _, seg, _ in results] + [ds for stack, _, _ in results for ds in stack.sources]
-    report = _measurement_report(groups + pdff_groups + level_groups + slice_groups, bundle, settings)
+    report = _measurement_report(groups + pdff_groups + level_groups + slice_groups + drawn, bundle, settings)
     # highdicom's SR constructor deep-copies and re-parses the whole content tree and searches it
     # for references: seconds for thousands of per-slice items that highdicom built and checked
     # when they were made. It gets the same report without the per-slice groups; the complete
     # report's root then replaces that content (exactly what the constructor copies from the
     # content it is given), and their references are checked against the evidence here.
     light_content = light_content and bool(slice_groups)
-    light = _measurement_report(groups + pdff_groups + level_groups, bundle, settings) if light_content else report
+    light = (_measurement_report(groups + pdff_groups + level_groups + drawn, bundle, settings) if light_content
+             else report)
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=light,
@@ -545,6 +649,46 @@ def build_measurement_report(results: list[tuple[StackVolume, SegmentationResult
         for tag, value in root.items():
             sr[tag] = value
         sr._content = hd.sr.ContentSequence([root], is_root=True)
+    sr.CodingSchemeIdentificationSequence = [_private_scheme_identification()]
+    return sr
+
+
+def build_viewer_report(results: list[tuple[StackVolume, SegmentationResult, list[MuscleMeasurement]]],
+                        bundle: ModelBundle, settings: OutputSettings, *,
+                        evaluate_outline: OutlineEvaluator | None = None) -> Dataset | None:
+    """The SR for viewers: a TID 1500 Comprehensive 3D SR holding only the outline groups of
+    :func:`build_measurement_report` (:func:`outline_groups`: per key slice and muscle, the closed
+    POLYLINE outline with area mm2, fat fraction % and PDFF %), in its own series
+    (``settings.viewer_sr_series_number``); ``None`` when no muscle was outlined.
+
+    Why a second object: OHIF 3.13.2 fails on an SR that holds any measurement group without
+    image-region geometry (its SR viewport throws "Cannot read properties of undefined (reading
+    'ReferencedSOPSequence')"), and the complete SR keeps its volumetric and per-slice groups
+    for 3D Slicer / dcmqi. UIDs are derived like the complete SR's, with their own suffix."""
+    several_stacks = len(results) > 1
+    drawn = [group for stack, seg, measures in results
+             for group in outline_groups(stack, seg, measures, bundle, stack.index if several_stacks else None,
+                                         evaluate_outline)]
+    if not drawn:
+        return None
+    first_stack = results[0][0]
+    key = ([first_stack.series_uid, bundle.weights_sha256] + [s.dataset.SOPInstanceUID for _, s, _ in results]
+           + [content_key(m for _, _, measures in results for m in measures)])
+    evidence = [ds for stack, _, _ in results for ds in stack.datasets]
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=_measurement_report(drawn, bundle, settings),
+        series_instance_uid=stable_uid(*key, "viewer-sr-series"),
+        series_number=settings.viewer_sr_series_number,
+        sop_instance_uid=stable_uid(*key, "viewer-sr-instance"),
+        instance_number=1,
+        manufacturer=settings.manufacturer,
+        institution_name=settings.institution_name or None,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        series_description=settings.viewer_sr_series_description,
+    )
     sr.CodingSchemeIdentificationSequence = [_private_scheme_identification()]
     return sr
 

@@ -42,6 +42,7 @@ from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID  # no
 
 from paraspinal.settings import RESEARCH_USE_STATEMENT  # noqa: E402
 from paraspinal.fat_methods import body_mask, fat_method  # noqa: E402
+from paraspinal.key_slices import key_slices, slice_bands  # noqa: E402,F401 (slice_bands re-exported)
 from paraspinal.levels import level_sort_key  # noqa: E402
 from paraspinal.model_bundle import LabelInfo  # noqa: E402
 from paraspinal.quantification import MuscleMeasurement  # noqa: E402
@@ -50,9 +51,7 @@ from paraspinal.stacks import StackVolume  # noqa: E402
 ENCAPSULATED_PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
 A4_PORTRAIT = (8.27, 11.69)
 A4_LANDSCAPE = (11.69, 8.27)
-BAND_MM = 30.0
 SLICE_ROWS_PER_PAGE = 34
-MAX_BANDS = 6
 SHORT_SIDE = {"right": "R", "left": "L"}
 
 
@@ -145,22 +144,6 @@ def _crop_to_body(view: np.ndarray, labels: np.ndarray, margin: float = 0.04) ->
     r0, r1 = max(0, rows[0] - pad_r), min(view.shape[0], rows[-1] + pad_r + 1)
     c0, c1 = max(0, cols[0] - pad_c), min(view.shape[1], cols[-1] + pad_c + 1)
     return view[r0:r1, c0:c1], labels[r0:r1, c0:c1]
-
-
-def slice_bands(z_mm: Sequence[float], present: Sequence[int], band_mm: float = BAND_MM,
-                max_bands: int = MAX_BANDS) -> list[list[int]]:
-    """Split the slices holding muscle into bands of about ``band_mm`` along z (at most ``max_bands``)."""
-    present = sorted(present, key=lambda k: z_mm[k])
-    if not present:
-        return []
-    lo, hi = z_mm[present[0]], z_mm[present[-1]]
-    n = max(1, min(max_bands, len(present), int(math.ceil((hi - lo + 1e-6) / band_mm))))
-    edges = np.linspace(lo, hi, n + 1)
-    bands: list[list[int]] = [[] for _ in range(n)]
-    for k in present:
-        i = min(n - 1, int(np.searchsorted(edges, z_mm[k], side="right") - 1))
-        bands[max(0, i)].append(k)
-    return [b for b in bands if b]
 
 
 # --- pages -----------------------------------------------------------------------------------
@@ -393,23 +376,15 @@ def _zoom_on_muscles(view: np.ndarray, lab: np.ndarray, margin_px: int) -> tuple
 
 def _band_panels(stacks: list[ReportStack]) -> list[tuple]:
     """(stack, key slice, slices, z, levels, title) of each key image: one per lumbar level (head
-    to feet), then one per ~30 mm band of the slices with muscle that have no level."""
+    to feet), then one per ~30 mm band of the slices with muscle that have no level
+    (:func:`paraspinal.key_slices.key_slices`, the slices the SR outlines too)."""
     panels = []
     for s in stacks:
         present = sorted({k for m in s.measurements if m.found for k in m.present_slices})
         z = next((m.slice_z_mm for m in s.measurements), [])
         levels = next((m.slice_level for m in s.measurements), [])
-        by_level: dict[str, list[int]] = {}
-        for k in present:
-            if k < len(levels) and levels[k]:
-                by_level.setdefault(levels[k], []).append(k)
-        groups = [(f"level {name}", by_level[name]) for name in sorted(by_level, key=level_sort_key)]
-        rest = [k for k in present if not (k < len(levels) and levels[k])]
-        groups += [(f"band {i + 1}", band) for i, band in enumerate(slice_bands(z, rest))]
-        for title, band in groups:
-            areas = [(s.labels[k] > 0).sum() for k in band]
-            key = band[int(np.argmax(areas))]
-            panels.append((s, key, band, z, levels, title))
+        for key in key_slices(z, levels, present, lambda k, s=s: float((s.labels[k] > 0).sum())):
+            panels.append((s, key.index, list(key.slices), z, levels, key.title))
     return panels + _review_panels(stacks)
 
 

@@ -38,3 +38,6 @@ class OutputSettings:
     manufacturer: str
     manufacturer_model_name: str
     institution_name: str
+    # The SR holding only the muscle outlines (what OHIF and most PACS viewers can show).
+    viewer_sr_series_number: int = 9004
+    viewer_sr_series_description: str = "Paraspinal muscle outlines (research use)"

@@ -49,6 +49,7 @@ class StudyJob:
     selection: StudySelection | None = None
     stacks: list[StackWork] = field(default_factory=list)
     sr: Any = None  # pydicom Dataset of the measurement report
+    viewer_sr: Any = None  # pydicom Dataset of the outlines-only report for viewers (OHIF)
     report: Any = None  # operators.report_operator.StudyReport (PDF bytes + Encapsulated PDF)
     status: JobStatus = JobStatus.PENDING
     reason: str = ""

@@ -503,14 +503,17 @@ class StudyAccount:
     changed_duplicates: int = 0   # a SOP Instance UID received with other bytes (must be 0)
     foreign: int = 0              # received objects not among the final outputs (a second set)
     seg_uids: int = 0             # distinct SEG SOP Instance UIDs received
-    sr_uids: int = 0              # distinct SR SOP Instance UIDs received (one per result set)
+    sr_uids: int = 0              # distinct SR SOP Instance UIDs received
+    srs_per_set: int = 1          # SRs one analysis writes (the report and the outlines-only viewer SR)
     status: str = ""
 
     @property
     def result_sets(self) -> int:
-        """Distinct result sets the archive holds for the study: every analysis writes exactly
-        one SR, so distinct SR UIDs; objects outside the final set count as a further set."""
-        return self.sr_uids + (1 if self.foreign and self.sr_uids <= 1 else 0)
+        """Distinct result sets the archive holds for the study: every analysis writes the same
+        number of SRs (``srs_per_set``), so distinct SR UIDs over that; objects outside the final
+        set count as a further set."""
+        sets = -(-self.sr_uids // max(1, self.srs_per_set))
+        return sets + (1 if self.foreign and sets <= 1 else 0)
 
     @property
     def duplicate_result_sets(self) -> int:
@@ -547,8 +550,9 @@ def account(node: NodeProc, archive: ArchiveProc | None, studies: Sequence[Study
             unseen = len(on_disk) - seen + len(result.get("skipped_files") or [])
             # every spooled file was indexed and judged: every acknowledged one was analysed
             a.analysed = max(0, a.stored - max(0, unseen))
-            expected = {str(read_file_meta_info(p).MediaStorageSOPInstanceUID)
-                        for p in (results / study.study_uid).glob("*.dcm")}
+            metas = [read_file_meta_info(p) for p in (results / study.study_uid).glob("*.dcm")]
+            expected = {str(m.MediaStorageSOPInstanceUID) for m in metas}
+            a.srs_per_set = max(1, sum(str(m.MediaStorageSOPClassUID) in SR_STORAGE for m in metas))
         else:
             expected = set()
         row = node.study(study.study_uid)

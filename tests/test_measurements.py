@@ -248,7 +248,13 @@ def test_sr_with_every_measure_passes_dciodvfy_and_reads_with_tid1500reader_and_
 
     groups = {g["TrackingIdentifier"]: g for g in dcmqi_read_sr(sr_path, tmp_path)["Measurements"]}
     n_slices = sum(len(m.present_slices) for m in measures)
-    assert len(groups) == 2 * len(measures) + 2 * n_slices  # T2 + PDFF, per stack and per slice
+    outlines = [t for t in groups if "," in t]  # "<muscle> <side>, slice K": the drawable groups, last
+    assert outlines and all(f"stack 1 {m.name}" not in outlines for m in measures)
+    # T2 + PDFF, per stack and per slice, and the outlines on the key slices
+    assert len(groups) == 2 * len(measures) + 2 * n_slices + len(outlines)
+    for tracking in outlines:
+        quantities = {i["quantity"]["CodeValue"] for i in groups[tracking]["measurementItems"]}
+        assert {"42798000", "129100", "PDFF"} <= quantities  # area, fat fraction, Dixon PDFF
     for m in measures:
         main = groups[f"stack 1 {m.name}"]
         assert main["measurementMethod"]["CodeValue"] == "FATSIGFRAC"

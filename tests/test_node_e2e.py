@@ -142,7 +142,12 @@ def test_storescu_study_comes_back_to_storescp_as_valid_seg_and_sr(peers, tmp_pa
     seg = pydicom.dcmread(received[SEG_STORAGE][0], stop_before_pixels=True)
     referenced = {item.SeriesInstanceUID for item in seg.ReferencedSeriesSequence}
     assert referenced == {study.t2_series_uid}  # the axial T2, not a distractor
-    groups = hd.sr.srread(received[COMPREHENSIVE_3D_SR][0]).content.get_volumetric_roi_measurement_groups()
+    # Two SRs come back: the complete report and the outlines-only one for viewers (sr_viewer.dcm).
+    reports = [hd.sr.srread(path).content for path in received[COMPREHENSIVE_3D_SR]]
+    (complete,) = [r for r in reports if r.get_volumetric_roi_measurement_groups()]
+    (outlines,) = [r for r in reports if not r.get_volumetric_roi_measurement_groups()]
+    assert all(g.roi is not None for g in outlines.get_planar_roi_measurement_groups())
+    groups = complete.get_volumetric_roi_measurement_groups()
     level_groups = [str(g.tracking_identifier) for g in groups if " level " in str(g.tracking_identifier)]
     assert level_groups, [str(g.tracking_identifier) for g in groups]
 

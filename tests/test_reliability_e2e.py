@@ -101,8 +101,8 @@ def test_killed_during_reception_analysis_and_sending_loses_nothing_and_sends_on
         accounts = account(node, rig.archive, [x, y], statuses)
         print("\n" + format_accounts(accounts))
         _check(accounts, allow_resent_duplicates=True)
-        for a in accounts:  # single-stack studies: one SEG, one SR, however often each arrived
-            assert (a.seg_uids, a.sr_uids) == (1, 1), format_accounts(accounts)
+        for a in accounts:  # single-stack studies: one SEG, the SR and the viewer SR, however often each arrived
+            assert (a.seg_uids, a.sr_uids, a.srs_per_set) == (1, 2, 2), format_accounts(accounts)
         text = node.log_text()
         assert text.count("event=node_resumed") == 3
         # Y's analysis may have been cut short by the second kill too; one analysis finished.
