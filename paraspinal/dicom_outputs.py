@@ -337,6 +337,12 @@ def _reference_frame_only(items) -> None:
 OutlineEvaluator = Callable[[MuscleMeasurement, KeySlice], Sequence[hd.sr.QualitativeEvaluation]]
 
 
+def review_flag_evaluations(m: MuscleMeasurement, key: KeySlice) -> list[hd.sr.QualitativeEvaluation]:
+    """The default :data:`OutlineEvaluator`: the muscle's review flag and reasons (quality control),
+    so a viewer that shows only the outline groups still carries them."""
+    return _quality_items(m, None)[1]
+
+
 def outline_tracking_identifier(info: LabelInfo, key: KeySlice, stack_index: int | None = None) -> str:
     """What a reader sees as the measurement's name: "erector spinae left, L4/L5" where the level is
     known, else "erector spinae left, slice 12" (1-based slice in the stack); ``stack_index`` adds
@@ -358,9 +364,11 @@ def _outline_group(stack: StackVolume, m: MuscleMeasurement, info: LabelInfo, bu
     evaluations to add (see :data:`OutlineEvaluator`)."""
     k = key.index
     source = stack.datasets[k]
+    frame = stack.frame_number(k)  # a frame of an Enhanced MR instance: the region names it
     region = hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=outline.points,
-        source_image=hd.sr.SourceImageForRegion(str(source.SOPClassUID), str(source.SOPInstanceUID)))
+        source_image=hd.sr.SourceImageForRegion(str(source.SOPClassUID), str(source.SOPInstanceUID),
+                                                referenced_frame_numbers=[frame] if frame is not None else None))
     measurements = [hd.sr.Measurement(name=AREA, value=round(m.slice_csa_mm2[k], 2), unit=UNIT_MM2,
                                       algorithm_id=parts.algorithm)]
     if m.slice_fat_fraction_pct[k] is not None:
@@ -387,7 +395,7 @@ def _outline_group(stack: StackVolume, m: MuscleMeasurement, info: LabelInfo, bu
 
 def outline_groups(stack: StackVolume, seg: SegmentationResult, measures: list[MuscleMeasurement],
                    bundle: ModelBundle, stack_label: int | None = None,
-                   evaluate: OutlineEvaluator | None = None
+                   evaluate: OutlineEvaluator | None = review_flag_evaluations
                    ) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
     """The outline groups of one stack: per key slice (:func:`paraspinal.key_slices.key_slices`, the
     PDF's key images) and per muscle and side found on it, one :func:`_outline_group`, key slices
@@ -467,7 +475,7 @@ def _measurement_group(seg: SegmentationResult, stack: StackVolume, m: MuscleMea
     )
 
 
-def _quality_items(m: MuscleMeasurement, algorithm: hd.sr.AlgorithmIdentification
+def _quality_items(m: MuscleMeasurement, algorithm: hd.sr.AlgorithmIdentification | None
                    ) -> tuple[list[hd.sr.Measurement], list[hd.sr.QualitativeEvaluation]]:
     """The muscle's quality control as SR content: "Review recommended" yes/no, one "Reason for
     review" per check that fired, and the outline uncertainty (0..1, UCUM "1")."""
@@ -477,7 +485,7 @@ def _quality_items(m: MuscleMeasurement, algorithm: hd.sr.AlgorithmIdentificatio
                                                codes.SCT.Yes if m.quality.review_recommended else codes.SCT.No)]
     evaluations += [hd.sr.QualitativeEvaluation(REVIEW_REASON, REVIEW_REASONS[key]) for key in m.quality.checks]
     measurements = []
-    if m.quality.uncertainty is not None:
+    if m.quality.uncertainty is not None and algorithm is not None:
         measurements.append(hd.sr.Measurement(name=OUTLINE_UNCERTAINTY, value=m.quality.uncertainty, unit=UNIT_RATIO,
                                               algorithm_id=algorithm))
     return measurements, evaluations
@@ -555,7 +563,8 @@ def _dixon_group(seg: SegmentationResult, stack: StackVolume, m: MuscleMeasureme
 def build_measurement_report(results: list[tuple[StackVolume, SegmentationResult, list[MuscleMeasurement]]],
                              bundle: ModelBundle, settings: OutputSettings, *,
                              per_slice_groups: bool = True, light_content: bool = True,
-                             outlines: bool = True, evaluate_outline: OutlineEvaluator | None = None) -> Dataset:
+                             outlines: bool = True,
+                             evaluate_outline: OutlineEvaluator | None = review_flag_evaluations) -> Dataset:
     """One TID 1500 Comprehensive 3D SR for the study.
 
     Groups, each referencing its SEG segment (volumetric) or SEG frame (planar), in this order:
@@ -655,7 +664,8 @@ def build_measurement_report(results: list[tuple[StackVolume, SegmentationResult
 
 def build_viewer_report(results: list[tuple[StackVolume, SegmentationResult, list[MuscleMeasurement]]],
                         bundle: ModelBundle, settings: OutputSettings, *,
-                        evaluate_outline: OutlineEvaluator | None = None) -> Dataset | None:
+                        evaluate_outline: OutlineEvaluator | None = review_flag_evaluations
+                        ) -> Dataset | None:
     """The SR for viewers: a TID 1500 Comprehensive 3D SR holding only the outline groups of
     :func:`build_measurement_report` (:func:`outline_groups`: per key slice and muscle, the closed
     POLYLINE outline with area mm2, fat fraction % and PDFF %), in its own series

@@ -174,7 +174,7 @@ def test_sr_slice_groups_reference_the_source_frame(enhanced_outputs):
         nonlocal seen
         for item in items:
             if item.get("ValueType") == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == "112039":
-                stack_index = int(str(item.TextValue).split()[1]) if str(item.TextValue).startswith("stack") else None
+                stack_index = int(str(item.TextValue).split()[1].rstrip(":")) if str(item.TextValue).startswith("stack") else None
             for reference in item.get("ReferencedSOPSequence", []):
                 if "ReferencedFrameNumber" in reference and stack_index is not None and \
                         str(reference.ReferencedSOPClassUID) == "1.2.840.10008.5.1.4.1.1.4.1":
