@@ -106,7 +106,8 @@ def test_bad_functional_groups_get_a_reason_and_the_node_then_analyses_a_true_en
     assert t2.SOPClassUID == ENHANCED_MR_IMAGE_STORAGE
     _wait_delivered(peer, str(t2.StudyInstanceUID), destinations=1, timeout_s=STUDY_TIMEOUT_S)
     received = _received(node["pacs"], str(t2.StudyInstanceUID))
-    assert len(received.get(SEG_STORAGE, [])) == 2 and len(received.get(COMPREHENSIVE_3D_SR, [])) == 1, received
+    # two SEGs (one per stack); two SRs: the complete report and the outlines-only viewer SR
+    assert len(received.get(SEG_STORAGE, [])) == 2 and len(received.get(COMPREHENSIVE_3D_SR, [])) == 2, received
     seg_frames = []
     for path in received[SEG_STORAGE]:
         assert dciodvfy_errors(path) == [], path.name
@@ -117,12 +118,12 @@ def test_bad_functional_groups_get_a_reason_and_the_node_then_analyses_a_true_en
     # Each SEG references the frames of one stack only, and the two SEGs cover the two stacks.
     owners = [[i for i, s in enumerate(stacks) if frames <= s] for frames in seg_frames]
     assert sorted(owner for found in owners for owner in found) == [0, 1], (owners, seg_frames)
-    sr_path = received[COMPREHENSIVE_3D_SR][0]
-    assert dciodvfy_errors(sr_path) == []
-    sr = pydicom.dcmread(sr_path)
-    evidence = {str(i.ReferencedSOPInstanceUID) for s in sr.CurrentRequestedProcedureEvidenceSequence
-                for series in s.ReferencedSeriesSequence for i in series.ReferencedSOPSequence}
-    assert str(t2.SOPInstanceUID) in evidence
+    for sr_path in received[COMPREHENSIVE_3D_SR]:
+        assert dciodvfy_errors(sr_path) == [], sr_path.name
+        sr = pydicom.dcmread(sr_path)
+        evidence = {str(i.ReferencedSOPInstanceUID) for s in sr.CurrentRequestedProcedureEvidenceSequence
+                    for series in s.ReferencedSeriesSequence for i in series.ReferencedSOPSequence}
+        assert str(t2.SOPInstanceUID) in evidence
 
 
 def test_batch_run_on_a_study_mixing_a_legacy_converted_t2_and_classic_dixon_series(tmp_path, real_data):
