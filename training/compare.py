@@ -35,24 +35,30 @@ def comparison_rows(runs: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[str
 
 
 def per_label_dice(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
-    """Markdown table: post-processed Dice per label (columns) for every run and case."""
-    lines = []
+    """Markdown table: post-processed Dice per label (columns: every label any case scores) for every
+    run and case; "-" where a case does not label it."""
+    names: dict[int, str] = {}
+    for _, report in runs:
+        for case in report["cases"]:
+            names.update({r["label"]: r["name"] for r in case["rows"] if r["label"] != -1})
+    order = sorted(names)
+    lines = ["| run · case | " + " | ".join(names[k] for k in order) + " |", "|---|" + "---|" * len(order)]
     for name, report in runs:
         for case in report["cases"]:
-            labels = [r for r in case["rows"] if r["label"] != -1]
-            if not lines:
-                lines.append("| run · case | " + " | ".join(r["name"] for r in labels) + " |")
-                lines.append("|---|" + "---|" * len(labels))
-            cells = ["n/a" if r.get("dice") is None else f"{r['dice']:.3f}" for r in labels]
+            dice = {r["label"]: r.get("dice") for r in case["rows"] if r["label"] != -1}
+            cells = ["-" if k not in dice else "n/a" if dice[k] is None else f"{dice[k]:.3f}" for k in order]
             lines.append(f"| {name} · {case['case']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def fold_mean_dice(runs: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, float]:
-    """Per label (as text), the mean post-processed Dice over the runs' cases that label it."""
+    """Per label (as text), the mean post-processed Dice over the runs' real cases that label it
+    (synthetic test phantoms are left out: the figure stands for real data)."""
     scores: dict[str, list[float]] = {}
     for _, report in runs:
         for case in report["cases"]:
+            if str(case["case"]).startswith("synthetic"):
+                continue
             for row in case["rows"]:
                 if row["label"] > 0 and row.get("dice") is not None:
                     scores.setdefault(str(row["label"]), []).append(float(row["dice"]))
@@ -71,6 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="the runs are leave-one-subject-out folds of the bundle's recipe: also store their "
                         "per-label Dice (mean over the folds that label it) as the bundle's held-out figure "
                         "(evaluation.cross_validation; shown beside every measurement)")
+    p.add_argument("--cv-labels", type=int, nargs="+", default=None,
+                   help="with --cross-validation: only these labels get a held-out figure (leave out labels whose "
+                        "fold never had real training labels for them: that figure would describe another model)")
     args = p.parse_args(argv)
     runs = []
     for spec in args.run:
@@ -93,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             evaluation["cross_validation"] = {
                 "method": f"leave-one-subject-out folds of this recipe ({args.title})",
                 "folds": [name for name, _ in runs],
-                "per_label_dice": fold_mean_dice(runs),
+                "per_label_dice": {label: dice for label, dice in fold_mean_dice(runs).items()
+                                   if args.cv_labels is None or int(label) in args.cv_labels},
             }
         write_metadata(args.into_bundle, metadata)
     print(args.out.read_text())
