@@ -3,7 +3,7 @@
 #   make test   - the test suite
 # and the long reliability run (about 10 min on 2 busy cores):
 #   make soak   - load, repeated crashes, outage, SIGTERM, 10,000 fuzz cases; prints a summary table
-# and the model (about 2 h on one free CPU core; every step resumes):
+# and the model (about 1 h on one free CPU core; every step resumes):
 #   make model  - leave-one-subject-out folds, QC validation, the shipped bundle and its card
 # and the benchmarks (figures, not pass/fail; about 15 min on 2 cores):
 #   make bench  - latency, inference, ingest, concurrency, memory -> benchmarks/results/latest.{json,md}
