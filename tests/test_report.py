@@ -176,3 +176,43 @@ def test_summary_table_gives_each_muscles_held_out_dice_or_says_not_evaluated(re
     assert f"{dice[1]:.2f}" in text and f"{dice[3]:.2f}" in text
     found = {m.label for m in report["measures"] if m.found}
     assert text.count(NOT_EVALUATED) >= len(found - set(dice)) >= 1
+
+
+def test_a_flagged_muscle_is_named_with_its_reasons_in_the_pdf_csv_and_result_json(report, tmp_path):
+    """Quality control in the outputs people read: an uncertain erector spinae right (per-slice mirror
+    disagreement 0.5) gets REVIEW in the PDF table, its reason under it and a key image of its most
+    uncertain slice; measurements.csv and result.json name it; the other muscles stay unflagged."""
+    import csv
+    import json
+
+    from paraspinal.results_folder import measurement_rows, review_summary
+    from paraspinal.segmentation import SliceUncertainty
+
+    stack = report["stack"]
+    labels = report["stacks"][0].labels
+    n = stack.n_slices
+    disagreement = {info.value: [0.02] * n for info in report["bundle"].labels}
+    disagreement[3] = [0.5] * n
+    uncertainty = SliceUncertainty(disagreement, {v: [0.1] * n for v in disagreement})
+    measures = measure_stack(stack, labels, report["bundle"].labels, "signal_fraction", uncertainty=uncertainty)
+    flagged = {m.name for m in measures if m.quality.review_recommended}
+    assert flagged == {"erector spinae right"}, flagged
+    bundle = report["bundle"]
+    ctx = ReportContext(bundle.name, bundle.version, bundle.weights_sha256, "signal_fraction", "none", "0.1.0")
+    stacks = [ReportStack(stack, labels, measures)]
+    path = tmp_path / "qc.pdf"
+    path.write_bytes(render_report_pdf(stack.datasets[0], stacks, bundle.labels, ctx))
+    page1 = " ".join(_page_text(path, 1).split())
+    assert "REVIEW (0.50)" in page1 and "Review recommended (quality control):" in page1
+    assert "erector spinae right: uncertain outline (mirror disagreement 0.50 > 0.15)" in page1
+    pages = " ".join(" ".join(_page_text(path, p).split()) for p in range(2, _count_pages(stacks) + 1))
+    assert "review erector spinae R, its most uncertain slice" in pages
+    stacks_json = [{"series_instance_uid": stack.series_uid, "measurements": [m.as_dict() for m in measures]}]
+    rows = {(r["muscle"], r["side"]): r for r in measurement_rows("1.2.3", stacks_json) if not r["level"]}
+    assert rows[("erector spinae", "right")]["review_recommended"] == "yes"
+    assert "uncertain outline" in rows[("erector spinae", "right")]["review_reasons"]
+    assert rows[("multifidus", "left")]["review_recommended"] == "no"
+    assert [(e["muscle"], e["side"]) for e in review_summary(stacks_json)] == [("erector spinae", "right")]
+    json.dumps(stacks_json)  # the quality record serialises as measurements.json carries it
+    assert list(csv.reader([",".join(rows[("erector spinae", "right")].keys())]))[0][-3:] == [
+        "review_recommended", "review_reasons", "outline_uncertainty"]
