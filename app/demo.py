@@ -142,7 +142,7 @@ def _print_measurements(csv_path: Path) -> None:
     print(f"\nMeasurements ({csv_path.name}; per stack and muscle, patient's side;"
           f" fat by {', '.join(methods) or '?'}):")
     header = (f"  {'stack':>5}  {'muscle':<20} {'side':<5} {'found':<5} {'volume cm3':>10} {'mean CSA mm2':>12}"
-              f" {'max CSA mm2':>11} {'fat %':>6} {'slices':>6}")
+              f" {'max CSA mm2':>11} {'fat %':>6} {'slices':>6}  {'QC':<6}")
     print(header)
     print("  " + "-" * (len(header) - 2))
     for r in rows:
@@ -150,7 +150,17 @@ def _print_measurements(csv_path: Path) -> None:
         print(f"  {r.get('stack', ''):>5}  {muscle:<20} {r.get('side', ''):<5} {r.get('found', ''):<5}"
               f" {_fmt(r.get('volume_cm3', ''), 1):>10} {_fmt(r.get('mean_csa_mm2', ''), 0):>12}"
               f" {_fmt(r.get('max_csa_mm2', ''), 0):>11} {_fmt(r.get('fat_fraction_pct', ''), 1):>6}"
-              f" {r.get('n_slices_with_muscle', ''):>6}")
+              f" {r.get('n_slices_with_muscle', ''):>6}  {_review(r):<6}")
+    flagged = [r for r in rows if r.get("review_recommended") == "yes" and not r.get("level")]
+    for r in flagged:
+        print(f"  review recommended, stack {r.get('stack')} {r.get('muscle')} {r.get('side')}: {r.get('review_reasons')}")
+
+
+def _review(row: dict) -> str:
+    """The quality-control cell: REVIEW / ok (per-level rows and old results: blank)."""
+    if row.get("level") or not row.get("review_recommended"):
+        return ""
+    return "REVIEW" if row["review_recommended"] == "yes" else "ok"
 
 
 def _print_timing(t_last_sent: float, t_stored: float, quiet_period_s: float, state_db: Path, study_uid: str) -> None:
