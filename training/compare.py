@@ -91,13 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(f"# {args.title}\n\n{text}\n\nMeans over the evaluated labels:\n\n{metric_table(rows)}\n")
     if args.into_bundle:
-        from training.export import write_metadata
+        from training.export import add_recipe_check, write_metadata
 
         metadata = read_metadata(args.into_bundle)
-        evaluation = metadata.setdefault("evaluation", {"measured": False})
-        checks = [c for c in evaluation.get("recipe_checks", []) if c.get("title") != args.title]
-        checks.append({"title": args.title, "text": text + "\n\nMeans over the evaluated labels:", "rows": rows})
-        evaluation["recipe_checks"] = checks
+        evaluation = add_recipe_check(metadata, args.title, text + "\n\nMeans over the evaluated labels:", rows)
         if args.cross_validation:
             evaluation["cross_validation"] = {
                 "method": f"leave-one-subject-out folds of this recipe ({args.title})",

@@ -207,6 +207,17 @@ def write_metadata(bundle_dir: Path, metadata: dict[str, Any]) -> None:
     (bundle_dir / README_RELPATH).write_text(render_model_card(metadata))
 
 
+def add_recipe_check(metadata: dict[str, Any], title: str, text: str, rows: list[dict[str, Any]] | None = None
+                     ) -> dict[str, Any]:
+    """Put a titled section (an ablation, a fold table, a timing) into ``metadata``'s evaluation,
+    replacing one of the same title; the model card renders it. Returns the evaluation entry."""
+    evaluation = metadata.setdefault("evaluation", {"measured": False})
+    checks = [c for c in evaluation.get("recipe_checks", []) if c.get("title") != title]
+    checks.append({"title": title, "text": text, **({"rows": rows} if rows is not None else {})})
+    evaluation["recipe_checks"] = checks
+    return evaluation
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", type=Path)

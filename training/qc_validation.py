@@ -104,13 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
     if args.into_bundle:
         from paraspinal.model_bundle import read_metadata
-        from training.export import write_metadata
+        from training.export import add_recipe_check, write_metadata
 
         metadata = read_metadata(args.into_bundle)
-        evaluation = metadata.setdefault("evaluation", {"measured": False})
-        checks = [c for c in evaluation.get("recipe_checks", []) if c.get("title") != args.title]
-        checks.append({"title": args.title, "text": QC_TEXT + "\n\n" + table.split("\n", 2)[2]})
-        evaluation["recipe_checks"] = checks
+        add_recipe_check(metadata, args.title, QC_TEXT + "\n\n" + table.split("\n", 2)[2])
         write_metadata(args.into_bundle, metadata)
     return 0
 
