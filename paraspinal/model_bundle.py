@@ -132,11 +132,15 @@ def held_out_dice(metadata: dict[str, Any], weights_sha256: str) -> dict[int, fl
     ``weights_sha256``) when there is one. A bundle trained on all the real data there is has no
     held-out real case left; its card then carries ``evaluation.cross_validation.per_label_dice``:
     the leave-one-subject-out figures of the same recipe (models trained without the case they are
-    measured on), which are used instead. A label no held-out case annotates is absent, so a reader
-    can be told that its measurements have no real-data accuracy figure behind them."""
+    measured on), which are used instead, again only for the weights they were recorded for. A label
+    no held-out case annotates is absent, so a reader can be told that its measurements have no
+    real-data accuracy figure behind them."""
     evaluation = metadata.get("evaluation") or {}
     if not evaluation.get("measured") or evaluation.get("weights_sha256") != weights_sha256:
-        per_label = (evaluation.get("cross_validation") or {}).get("per_label_dice") or {}
+        cross_validation = evaluation.get("cross_validation") or {}
+        if cross_validation.get("weights_sha256") != weights_sha256:
+            return {}
+        per_label = cross_validation.get("per_label_dice") or {}
         return {int(label): float(dice) for label, dice in per_label.items() if dice is not None}
     scores: dict[int, list[float]] = {}
     for case in evaluation.get("cases") or []:

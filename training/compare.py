@@ -14,11 +14,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from paraspinal.model_bundle import read_metadata
+from paraspinal.model_bundle import TORCHSCRIPT_RELPATH, read_metadata
 from training.model_card import metric_table
 
 
@@ -96,8 +97,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         metadata = read_metadata(args.into_bundle)
         evaluation = add_recipe_check(metadata, args.title, text + "\n\nMeans over the evaluated labels:", rows)
         if args.cross_validation:
+            weights = args.into_bundle / TORCHSCRIPT_RELPATH
             evaluation["cross_validation"] = {
                 "method": f"leave-one-subject-out folds of this recipe ({args.title})",
+                # the recipe's figures stand for these weights, trained by it; other weights: none shown
+                "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
                 "folds": [name for name, _ in runs],
                 "per_label_dice": {label: dice for label, dice in fold_mean_dice(runs).items()
                                    if args.cv_labels is None or int(label) in args.cv_labels},
