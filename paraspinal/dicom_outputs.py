@@ -638,20 +638,8 @@ def build_measurement_report(results: list[tuple[StackVolume, SegmentationResult
     light_content = light_content and bool(slice_groups)
     light = (_measurement_report(groups + pdff_groups + level_groups + drawn, bundle, settings) if light_content
              else report)
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=evidence,
-        content=light,
-        series_instance_uid=stable_uid(*key, "sr-series"),
-        series_number=settings.sr_series_number,
-        sop_instance_uid=stable_uid(*key, "sr-instance"),
-        instance_number=1,
-        manufacturer=settings.manufacturer,
-        institution_name=settings.institution_name or None,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-        series_description=settings.sr_series_description,
-    )
+    sr = _sr_dataset(evidence, light, key, "sr", settings.sr_series_number, settings.sr_series_description,
+                     settings)
     if light_content:
         _check_references(slice_groups, evidence)
         root = report[0]
@@ -685,22 +673,22 @@ def build_viewer_report(results: list[tuple[StackVolume, SegmentationResult, lis
     key = ([first_stack.series_uid, bundle.weights_sha256] + [s.dataset.SOPInstanceUID for _, s, _ in results]
            + [content_key(m for _, _, measures in results for m in measures)])
     evidence = [ds for stack, _, _ in results for ds in stack.datasets]
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=evidence,
-        content=_measurement_report(drawn, bundle, settings),
-        series_instance_uid=stable_uid(*key, "viewer-sr-series"),
-        series_number=settings.viewer_sr_series_number,
-        sop_instance_uid=stable_uid(*key, "viewer-sr-instance"),
-        instance_number=1,
-        manufacturer=settings.manufacturer,
-        institution_name=settings.institution_name or None,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-        series_description=settings.viewer_sr_series_description,
-    )
+    sr = _sr_dataset(evidence, _measurement_report(drawn, bundle, settings), key, "viewer-sr",
+                     settings.viewer_sr_series_number, settings.viewer_sr_series_description, settings)
     sr.CodingSchemeIdentificationSequence = [_private_scheme_identification()]
     return sr
+
+
+def _sr_dataset(evidence: list[Dataset], content, key: tuple, kind: str, series_number: int,
+                series_description: str, settings) -> hd.sr.Comprehensive3DSR:
+    """A Comprehensive 3D SR with UIDs derived from ``key`` and ``kind`` ("sr", "viewer-sr"), so the
+    same analysis always gives the same series and instance UIDs."""
+    return hd.sr.Comprehensive3DSR(
+        evidence=evidence, content=content,
+        series_instance_uid=stable_uid(*key, f"{kind}-series"), series_number=series_number,
+        sop_instance_uid=stable_uid(*key, f"{kind}-instance"), instance_number=1,
+        manufacturer=settings.manufacturer, institution_name=settings.institution_name or None,
+        is_complete=True, is_final=False, is_verified=False, series_description=series_description)
 
 
 def _measurement_report(groups: list, bundle: ModelBundle, settings: OutputSettings) -> hd.sr.MeasurementReport:
