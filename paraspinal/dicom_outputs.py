@@ -9,6 +9,7 @@ silently replacing old ones.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -352,16 +353,67 @@ def outline_tracking_identifier(info: LabelInfo, key: KeySlice, stack_index: int
     return f"{prefix}{info.name}, {where}"[:64]
 
 
+#: OHIF (3.x, through @cornerstonejs/adapters) turns an SR measurement group into one of its own
+#: tracked measurements -- listed in its measurements panel, drawn, navigable -- only when the
+#: group's tracking identifier starts with a Cornerstone tool's identifier; a closed polyline is its
+#: PlanarFreehandROI. The readable name follows after a colon, so other viewers still show it.
+OHIF_FREEHAND_TRACKING_PREFIX = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
+
+
+def outline_label(m: MuscleMeasurement, info: LabelInfo, key: KeySlice, stack_label: int | None = None) -> str:
+    """The one line a viewer's measurement list shows for an outline: its name
+    (:func:`outline_tracking_identifier`), the fat fraction (%) and Dixon PDFF (%) on that slice
+    where measured, and "review recommended" where quality control flagged the muscle, e.g.
+    "erector spinae left, L4/L5: fat 12.3 %, PDFF 8.1 %". (OHIF lists a measurement by this label
+    and its area; it shows no other numbers of a freehand ROI.)"""
+    k = key.index
+    figures = []
+    if m.slice_fat_fraction_pct[k] is not None:
+        figures.append(f"fat {m.slice_fat_fraction_pct[k]:.1f} %")
+    pdff = m.slice_pdff_pct[k] if k < len(m.slice_pdff_pct) else None
+    if pdff is not None:
+        figures.append(f"PDFF {pdff:.1f} %")
+    if m.quality is not None and m.quality.review_recommended:
+        figures.append("review recommended")
+    name = outline_tracking_identifier(info, key, stack_label)
+    return f"{name}: {', '.join(figures)}" if figures else name
+
+
+def _for_ohif(group: hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations, region: hd.sr.ImageRegion,
+              label: str) -> None:
+    """Make an outline group one OHIF can take over as its own measurement (in place):
+
+    * the tracking identifier gets :data:`OHIF_FREEHAND_TRACKING_PREFIX` before the readable name;
+    * the first measurement (the area) is INFERRED FROM a copy of the group's image region (TID 300
+      allows it through TID 320): the adapters look for the outline under the first NUM item, as
+      OHIF writes it;
+    * a Comment (DCM 121106) TEXT item holds ``label`` (:func:`outline_label`), which OHIF shows as
+      the measurement's label (TID 1410 is extensible).
+    """
+    items = group[0].ContentSequence
+    for item in items:
+        if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == "112039":
+            item.TextValue = f"{OHIF_FREEHAND_TRACKING_PREFIX}:{item.TextValue}"
+    area = next(item for item in items if item.ValueType == "NUM")
+    inferred = copy.deepcopy(region)
+    inferred.RelationshipType = "INFERRED FROM"
+    if "ContentSequence" not in area:
+        area.ContentSequence = hd.sr.ContentSequence()
+    area.ContentSequence.append(inferred)
+    items.append(hd.sr.TextContentItem(name=codes.DCM.Comment, value=label,
+                                       relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+
+
 def _outline_group(stack: StackVolume, m: MuscleMeasurement, info: LabelInfo, bundle: ModelBundle,
                    key: KeySlice, outline: Outline, parts: _MuscleParts, stack_label: int | None,
-                   evaluations: Sequence[hd.sr.QualitativeEvaluation] = ()
+                   evaluations: Sequence[hd.sr.QualitativeEvaluation] = (), for_ohif: bool = False
                    ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     """TID 1410 planar group a viewer can draw: the muscle's outline on the key slice ``key.index``
     as a closed SCOORD POLYLINE in that source image's pixel coordinates (column, row), with the
     muscle's area on that slice (mm2, every piece of the muscle), its fat fraction (%) by the T2
     method (the group's method) and, where measured, the Dixon PDFF (%); finding sites the muscle
     with its laterality and, where known, the lumbar level. ``evaluations``: qualitative
-    evaluations to add (see :data:`OutlineEvaluator`)."""
+    evaluations to add (see :data:`OutlineEvaluator`); ``for_ohif``: see :func:`_for_ohif`."""
     k = key.index
     source = stack.datasets[k]
     frame = stack.frame_number(k)  # a frame of an Enhanced MR instance: the region names it
@@ -378,28 +430,34 @@ def _outline_group(stack: StackVolume, m: MuscleMeasurement, info: LabelInfo, bu
     if pdff is not None:
         measurements.append(hd.sr.Measurement(name=PDFF, value=round(pdff, 2), unit=PERCENT,
                                               method=DIXON_PDFF_METHOD))
-    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=stable_uid(stack.series_uid, str(stack.index), bundle.weights_sha256, "outline", str(info.value),
                            str(k)),
             identifier=outline_tracking_identifier(info, key, stack_label)),
         referenced_region=region,
-        finding_type=parts.finding_type,
+        # The viewer SR leaves out the finding (the muscle again): OHIF would list it a second time
+        # under the finding site, which names the muscle with its laterality.
+        finding_type=None if for_ohif else parts.finding_type,
         method=parts.method,
         finding_sites=[parts.site, level_site(key.level)] if key.level else [parts.site],
         algorithm_id=parts.algorithm,
         measurements=measurements,
         qualitative_evaluations=list(evaluations) or None,
     )
+    if for_ohif:
+        _for_ohif(group, region, outline_label(m, info, key, stack_label))
+    return group
 
 
 def outline_groups(stack: StackVolume, seg: SegmentationResult, measures: list[MuscleMeasurement],
                    bundle: ModelBundle, stack_label: int | None = None,
-                   evaluate: OutlineEvaluator | None = review_flag_evaluations
+                   evaluate: OutlineEvaluator | None = review_flag_evaluations, for_ohif: bool = False
                    ) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
     """The outline groups of one stack: per key slice (:func:`paraspinal.key_slices.key_slices`, the
     PDF's key images) and per muscle and side found on it, one :func:`_outline_group`, key slices
-    head to feet as the PDF shows them, muscles in label order. Empty without ``seg.labels``."""
+    head to feet as the PDF shows them, muscles in label order. Empty without ``seg.labels``.
+    ``for_ohif``: groups OHIF takes over as its own measurements (:func:`_for_ohif`)."""
     if seg.labels is None:
         return []
     labels = seg.labels
@@ -418,7 +476,7 @@ def outline_groups(stack: StackVolume, seg: SegmentationResult, measures: list[M
             info = bundle.label(m.label)
             parts = _MuscleParts.of(m, info, bundle)
             groups.append(_outline_group(stack, m, info, bundle, key, outline, parts, stack_label,
-                                         evaluate(m, key) if evaluate else ()))
+                                         evaluate(m, key) if evaluate else (), for_ohif))
     return groups
 
 
@@ -666,7 +724,7 @@ def build_viewer_report(results: list[tuple[StackVolume, SegmentationResult, lis
     several_stacks = len(results) > 1
     drawn = [group for stack, seg, measures in results
              for group in outline_groups(stack, seg, measures, bundle, stack.index if several_stacks else None,
-                                         evaluate_outline)]
+                                         evaluate_outline, for_ohif=True)]
     if not drawn:
         return None
     first_stack = results[0][0]

@@ -15,8 +15,8 @@ import pytest
 from skimage.draw import polygon as fill_polygon
 
 from dicom_validators import dciodvfy_errors, dcmjs_read, dcmqi_read_sr
-from paraspinal.dicom_outputs import (build_measurement_report, build_segmentation, build_viewer_report,
-                                      outline_tracking_identifier)
+from paraspinal.dicom_outputs import (OHIF_FREEHAND_TRACKING_PREFIX, build_measurement_report, build_segmentation,
+                                      build_viewer_report, outline_tracking_identifier)
 from paraspinal.key_slices import KeySlice, key_slices
 from paraspinal.muscle_outlines import muscle_outline
 from paraspinal.quantification import measure_stack
@@ -89,6 +89,11 @@ def outlined(tmp_path_factory, real_data, bundle, config):
             "folder": folder}
 
 
+def _readable(identifier) -> str:
+    """The tracking identifier a reader sees: the viewer SR's without its OHIF tool prefix."""
+    return str(identifier).removeprefix(OHIF_FREEHAND_TRACKING_PREFIX + ":")
+
+
 def _region_groups(path) -> list:
     sr = hd.sr.srread(path)
     return [g for g in sr.content.get_planar_roi_measurement_groups() if g.roi is not None]
@@ -106,8 +111,33 @@ def test_viewer_sr_holds_only_outline_groups_and_the_complete_sr_ends_with_the_s
     assert not viewer.content.get_volumetric_roi_measurement_groups()
     complete = hd.sr.srread(outlined["paths"]["sr"]).content
     last = complete.get_planar_roi_measurement_groups()[-len(groups):]  # OHIF needs them last
-    assert [str(g.tracking_identifier) for g in last] == [str(g.tracking_identifier) for g in groups]
+    assert [OHIF_FREEHAND_TRACKING_PREFIX + ":" + str(g.tracking_identifier) for g in last] == [
+        str(g.tracking_identifier) for g in groups]
     assert all(g.roi is not None for g in last)
+
+
+def test_viewer_sr_outlines_are_in_the_form_ohif_takes_over_as_its_own_measurements(outlined):
+    """OHIF's adapters (@cornerstonejs/adapters) want a Cornerstone tool in the tracking identifier,
+    the outline under the first NUM item and a Comment as the label; highdicom still reads the group."""
+    viewer = hd.sr.srread(outlined["paths"]["viewer"])
+    for group in viewer.content.get_planar_roi_measurement_groups():
+        name = str(group.tracking_identifier)
+        assert name.startswith(OHIF_FREEHAND_TRACKING_PREFIX + ":")
+        readable = name[len(OHIF_FREEHAND_TRACKING_PREFIX) + 1:]
+        items = group[0].ContentSequence if hasattr(group[0], "ContentSequence") else group.ContentSequence
+        first_num = next(item for item in items if item.ValueType == "NUM")
+        assert first_num.ConceptNameCodeSequence[0].CodeMeaning == "Area"
+        inferred = [i for i in first_num.ContentSequence if i.ValueType == "SCOORD"]
+        assert len(inferred) == 1 and inferred[0].RelationshipType == "INFERRED FROM"
+        assert list(inferred[0].GraphicData) == list(group.roi.GraphicData)
+        assert (inferred[0].ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                == group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        comments = [i.TextValue for i in items if i.ValueType == "TEXT"
+                    and i.ConceptNameCodeSequence[0].CodeValue == "121106"]
+        assert len(comments) == 1 and comments[0].startswith(readable)
+        fat = [m for m in group.get_measurements() if m.name.meaning == "Fat fraction"]
+        if fat:
+            assert f"fat {float(fat[0].value):.1f} %" in comments[0]
 
 
 def test_outline_groups_are_on_the_pdf_key_slices_for_every_found_muscle(outlined, bundle):
@@ -115,7 +145,7 @@ def test_outline_groups_are_on_the_pdf_key_slices_for_every_found_muscle(outline
     keys = [panel[1] for panel in _band_panels([ReportStack(stack, outlined["labels"], measures)])]
     by_sop = {str(ds.SOPInstanceUID): k for k, ds in enumerate(stack.datasets)}
     groups = _region_groups(outlined["paths"]["viewer"])
-    seen = {(by_sop[g.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID], str(g.tracking_identifier))
+    seen = {(by_sop[g.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID], _readable(g.tracking_identifier))
             for g in groups}
     expected = set()
     for k in keys:
@@ -136,7 +166,7 @@ def test_each_outline_covers_its_muscle_on_its_source_image_and_carries_its_valu
         points = np.asarray(roi.value).reshape(-1, 2)
         assert np.array_equal(points[0], points[-1]), "the outline must be closed"
         k = by_sop[roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID]
-        name = str(group.tracking_identifier).split(",")[0]
+        name = _readable(group.tracking_identifier).split(",")[0]
         m = measures[name]
         mask = labels[k] == m.label
         # Pixel centres (c + 0.5, r + 0.5) inside the polygon: the outline drawn back into the grid.
@@ -159,7 +189,7 @@ def test_dcmqi_reads_outline_groups_with_finding_laterality_and_area(outlined, b
     sides = {info.name: info.laterality.meaning for info in bundle.labels}
     assert result["Measurements"]
     for group in result["Measurements"]:
-        name = group["TrackingIdentifier"].split(",")[0]
+        name = _readable(group["TrackingIdentifier"]).split(",")[0]
         assert group["Laterality"]["CodeMeaning"] == sides[name]
         quantities = {item["quantity"]["CodeMeaning"] for item in group["measurementItems"]}
         assert {"Area", "Fat fraction"} <= quantities
@@ -177,7 +207,7 @@ def test_dcmjs_reads_every_outline_group_with_its_area(outlined):
         area = next(float(i.value) for i in group.get_measurements() if i.name.meaning == "Area")
         assert values["Area"] == (pytest.approx(area), "mm2")
         side = js["findingSites"][0]["laterality"]["CodeMeaning"].lower()
-        assert str(group.tracking_identifier).split(",")[0].endswith(side)
+        assert _readable(group.tracking_identifier).split(",")[0].endswith(side)
 
 
 def test_outline_evaluator_adds_a_qualitative_evaluation_to_each_group(outlined, bundle, config):

@@ -210,3 +210,22 @@ def viewport_texts(page) -> list[str]:
 
 def displayed_sop(page) -> str:
     return page.evaluate("() => {" + _viewport_state_js() + " return sop; }")
+
+
+def track_sr_measurements(page, timings: Timings | None = None) -> list[dict]:
+    """Accept the SR viewport's offer to track its measurements (OHIF's "Yes", as a reader does);
+    OHIF's tracked measurements then (measurementService): label, tool, referenced SOP, OHIF's own
+    area of the drawn outline (mm2) and the panel's display lines. ``timings`` gets
+    ``sr_track_s``: from the click to OHIF holding them."""
+    page.locator("[data-cy=yes-hydrate-btn]").click(timeout=60_000)
+    start = time.monotonic()
+    page.wait_for_function("() => window.services.measurementService.getMeasurements().length > 0",
+                           timeout=OPEN_TIMEOUT_MS)
+    if timings is not None:
+        timings.values["sr_track_s"] = round(time.monotonic() - start, 2)
+    page.wait_for_timeout(2_000)
+    return page.evaluate("""() => window.services.measurementService.getMeasurements().map(m => {
+      const stats = Object.values(m.data || {})[0] || {};
+      return {label: m.label || null, toolName: m.toolName, sop: m.SOPInstanceUID,
+              area: (typeof stats.area === 'number') ? stats.area : null,
+              primary: (m.displayText && m.displayText.primary) || []}; })""")

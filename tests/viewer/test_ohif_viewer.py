@@ -173,6 +173,21 @@ def _sr_groups(path: Path) -> dict[str, dict[str, float]]:
     return out
 
 
+def _sr_outlines(path: Path) -> list[dict]:
+    """Per outline group of the viewer SR: its Comment (the label OHIF shows), area (mm2) and the
+    SOP Instance UID of the image it is drawn on."""
+    sr = hd.sr.srread(path)
+    out = []
+    for group in sr.content.get_planar_roi_measurement_groups():
+        items = group[0].ContentSequence if hasattr(group[0], "ContentSequence") else group.ContentSequence
+        comment = next(i.TextValue for i in items if i.ValueType == "TEXT"
+                       and i.ConceptNameCodeSequence[0].CodeValue == "121106")
+        area = next(float(m.value) for m in group.get_measurements() if m.name.meaning == "Area")
+        sop = str(group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        out.append({"label": comment, "area": area, "sop": sop})
+    return out
+
+
 def test_sr_outline_measurements_show_with_their_labels_and_values(page, viewer):
     timings = ohif.Timings()
     measurements = ohif.sr_measurements(page, "Paraspinal muscle outlines", timings)
@@ -191,17 +206,41 @@ def test_sr_outline_measurements_show_with_their_labels_and_values(page, viewer)
         for meaning, value in values.items():  # OHIF prints NumericValue.toFixed(2) and the UCUM code
             assert labels.get(meaning, "").startswith(f"{value:.2f} "), (tracking, meaning, labels)
     # What is on screen: the image of a measured slice with the outlines' texts drawn over it.
-    # (OHIF 3.13.2's measurements panel lists only measurements it can hydrate into its own
-    # tools, i.e. SRs written by OHIF/Cornerstone: for this SR it says "Measurements (0)".)
-    page.locator("[data-cy=trackedMeasurements-btn]").click()
-    page.wait_for_timeout(2_000)
-    page.screenshot(path=str(ARTEFACTS / "ohif_sr.png"))
     on_image = [m for m in measurements if m["sop"] == ohif.displayed_sop(page)]
     assert on_image, "the SR viewport does not show a measured slice"
     texts = " ".join(ohif.viewport_texts(page))
     for m in on_image:
         area = next(label for label in m["labels"] if label["label"] == "Area")
         assert f"Area: {area['value']}" in texts
+    assert "Something went wrong" not in page.content()
+    assert not page.errors
+
+
+def test_tracked_sr_outlines_fill_the_measurements_panel_with_their_labels_and_areas(page, viewer):
+    """A reader accepts OHIF's offer to track the outlines SR: every outline becomes one of OHIF's
+    own measurements, listed in the measurements panel by its label (muscle, side, level or slice,
+    fat fraction, PDFF, review flag) with the area OHIF measures on the outline it draws, on the
+    image the SR names."""
+    timings = ohif.Timings()
+    ohif.sr_measurements(page, "Paraspinal muscle outlines", timings)
+    tracked = ohif.track_sr_measurements(page, timings)
+    viewer["timings"]["viewer_sr_track_s"] = timings.values["sr_track_s"]
+    expected = _sr_outlines(viewer["viewer_sr_path"])
+    assert sorted(m["label"] or "" for m in tracked) == sorted(e["label"] for e in expected)
+    for e in expected:
+        (m,) = [m for m in tracked if m["label"] == e["label"]]
+        assert m["toolName"] == "PlanarFreehandROI"
+        assert m["sop"] == e["sop"], f"{e['label']}: tracked on another image"
+        # OHIF measures the polygon it draws; the SR's area counts the mask's pixels. They agree
+        # when the outline lies where the muscle is (the simplified contour: within a few %).
+        assert m["area"] == pytest.approx(e["area"], rel=0.05), (e["label"], m["area"], e["area"])
+    page.locator("[data-cy=trackedMeasurements-btn]").click()
+    page.wait_for_timeout(2_000)
+    panel = page.locator("body").inner_text()
+    assert f"Measurements ({len(expected)})" in panel
+    for e in expected:
+        assert e["label"] in panel
+    page.screenshot(path=str(ARTEFACTS / "ohif_sr.png"))
     assert "Something went wrong" not in page.content()
     assert not page.errors
 
