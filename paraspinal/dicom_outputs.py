@@ -731,7 +731,9 @@ def build_viewer_report(results: list[tuple[StackVolume, SegmentationResult, lis
     key = ([first_stack.series_uid, bundle.weights_sha256] + [s.dataset.SOPInstanceUID for _, s, _ in results]
            + [content_key(m for _, _, measures in results for m in measures)])
     evidence = [ds for stack, _, _ in results for ds in stack.datasets]
-    sr = _sr_dataset(evidence, _measurement_report(drawn, bundle, settings), key, "viewer-sr",
+    # "-ohif": the layout changed (OHIF-trackable groups), so a PACS that holds the earlier layout
+    # gets a new object, never a different one under a UID it already has.
+    sr = _sr_dataset(evidence, _measurement_report(drawn, bundle, settings), key, "viewer-sr-ohif",
                      settings.viewer_sr_series_number, settings.viewer_sr_series_description, settings)
     sr.CodingSchemeIdentificationSequence = [_private_scheme_identification()]
     return sr
@@ -739,7 +741,7 @@ def build_viewer_report(results: list[tuple[StackVolume, SegmentationResult, lis
 
 def _sr_dataset(evidence: list[Dataset], content, key: tuple, kind: str, series_number: int,
                 series_description: str, settings) -> hd.sr.Comprehensive3DSR:
-    """A Comprehensive 3D SR with UIDs derived from ``key`` and ``kind`` ("sr", "viewer-sr"), so the
+    """A Comprehensive 3D SR with UIDs derived from ``key`` and ``kind`` ("sr", "viewer-sr-ohif"), so the
     same analysis always gives the same series and instance UIDs."""
     return hd.sr.Comprehensive3DSR(
         evidence=evidence, content=content,
