@@ -31,6 +31,7 @@ from pathlib import Path
 from app.config import Config
 from app.node.audit import AuditLog
 from app.node.completion import CompletionTracker
+from app.node.corrections import CorrectionIntake
 from app.node.listener import Listener
 from app.node.logs import log_event
 from app.node.retention import purge_expired
@@ -38,6 +39,7 @@ from app.node.sender import Sender
 from app.node.spool import Spool, ensure_dir
 from app.node.state import StateStore
 from app.node.worker import Dispatcher
+from paraspinal.model_registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,8 @@ class NodeService:
         self._wake_sender = threading.Event()
         self._threads: list[threading.Thread] = []
         self.spool: Spool | None = None
+        self.registry: ModelRegistry | None = None
+        self.intake: CorrectionIntake | None = None
 
     def start(self) -> None:
         """Open the state, resume earlier work, start workers, listener and loops."""
@@ -95,9 +99,16 @@ class NodeService:
         log_event(log, logging.INFO, "node_resumed", requeued=len(requeued), adopted=len(adopted),
                   receiving=len(restarted), stale_temp_files=temp_files, partial_folders=partial_dirs,
                   state_db=s.state_db)
-        self.dispatcher = Dispatcher(s, self.config, self.state, spool, self.model_path, self.device, self.log_level)
+        self.registry = ModelRegistry(self.model_path, self.config.learning.models_dir)
+        self.dispatcher = Dispatcher(s, self.config, self.state, spool, self.model_path, self.device, self.log_level,
+                                     registry=self.registry)
         self.dispatcher.start()
-        self.listener = Listener(s, spool, self.state, self.audit)
+        self.intake = None
+        if self.config.learning.corrections:
+            self.intake = CorrectionIntake(self.config.learning, self.state, spool, self.audit, self.registry)
+            self.intake.start()
+        self.listener = Listener(s, spool, self.state, self.audit,
+                                 seg_sink=self.intake.submit if self.intake is not None else None)
         self.listener.start()
         completion = CompletionTracker(self.state, s.quiet_period_s)
         sender = Sender(s, self.state, self.audit)
@@ -152,6 +163,8 @@ class NodeService:
             thread.join(timeout=30.0)
         if self.dispatcher is not None:
             self.dispatcher.shutdown(max(0.0, deadline - time.monotonic()))
+        if getattr(self, "intake", None) is not None:
+            self.intake.stop()
         if self.state is not None:
             self.state.set_info(stopped_at=time.time())
             self.state.close()
