@@ -9,8 +9,11 @@ uses is computed here: both models segment the held-out cases.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -149,3 +152,46 @@ def test_promote_and_rollback_switch_the_pointer_and_are_audited(site, capsys):
     assert events[-1]["version"] == before and events[-3]["forced"] is True
     with pytest.raises(RegistryError):
         registry.promote("9.9.9")
+
+
+def _process_state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def test_node_finetune_starts_when_idle_at_low_priority_and_pauses_while_studies_wait(site, tmp_path):
+    from app.node.audit import AuditLog
+    from app.node.learning import FinetuneRunner
+
+    config_path = tmp_path / "runner.yaml"
+    raw = json.loads(site["config"].read_text())
+    site_dir = tmp_path / "site"  # a copy without the earlier tests' fine-tune record: 4 new corrections
+    shutil.copytree(site["site"], site_dir, ignore=shutil.ignore_patterns("finetune_state.json"))
+    raw["learning"].update({"finetune_after": 2, "finetune_iterations": 2, "finetune_batch_size": 2,
+                            "models_dir": str(tmp_path / "models"), "site_dir": str(site_dir)})
+    config_path.write_text(json.dumps(raw))
+    config = load_config(config_path)
+    runner = FinetuneRunner(config, SHIPPED, AuditLog(tmp_path / "audit.jsonl"))
+    runner.poll(studies_waiting=True)
+    assert runner.process is None  # a study waits: no training
+    runner.poll(studies_waiting=False)
+    assert runner.process is not None
+    pid = runner.process.pid
+    assert os.getpriority(os.PRIO_PROCESS, pid) == 19
+    runner.poll(studies_waiting=True)
+    time.sleep(0.5)
+    assert runner.paused and _process_state(pid) == "T"  # stopped while studies wait
+    runner.poll(studies_waiting=False)
+    assert not runner.paused and _process_state(pid) != "T"
+    deadline = time.monotonic() + 240
+    while runner.process is not None and time.monotonic() < deadline:
+        runner.poll(studies_waiting=False)
+        time.sleep(0.5)
+    assert runner.process is None
+    events = [e["event"] for e in read_audit(tmp_path / "audit.jsonl")]
+    assert events[:2] == ["finetune_started", "finetune_finished"]
+    finished = [e for e in read_audit(tmp_path / "audit.jsonl") if e["event"] == "finetune_finished"][0]
+    assert finished["exit_code"] == 0, (tmp_path / "models" / ".work" / "finetune.log").read_text()[-3000:]
+    state = json.loads((site_dir / "finetune_state.json").read_text())
+    assert state["cases_at_last_finetune"] == 4 and state["decision"] in ("promote", "refuse")
+    runner.poll(studies_waiting=False)  # no new corrections since: nothing starts
+    assert runner.process is None

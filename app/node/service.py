@@ -5,7 +5,10 @@ Threads in the node process:
 * pynetdicom's server threads (one per association) run the listener's handlers;
 * the scheduler thread promotes quiet studies and feeds the worker pool
   (:class:`app.node.worker.Dispatcher`), and writes a heartbeat to the state database;
-* the sender thread sends due outbox items.
+* the sender thread sends due outbox items;
+* the corrections thread turns received muscle SEGs into site cases (app.node.corrections);
+  the scheduler also starts, pauses and resumes the node's own fine-tune (app.node.learning,
+  off by default).
 
 On start, state left by an earlier run is resumed: analyses that were running are queued
 again, studies found in the spool but missing from the database are adopted, studies still
@@ -32,6 +35,7 @@ from app.config import Config
 from app.node.audit import AuditLog
 from app.node.completion import CompletionTracker
 from app.node.corrections import CorrectionIntake
+from app.node.learning import FinetuneRunner
 from app.node.listener import Listener
 from app.node.logs import log_event
 from app.node.retention import purge_expired
@@ -82,6 +86,7 @@ class NodeService:
         self.spool: Spool | None = None
         self.registry: ModelRegistry | None = None
         self.intake: CorrectionIntake | None = None
+        self.finetune: FinetuneRunner | None = None
 
     def start(self) -> None:
         """Open the state, resume earlier work, start workers, listener and loops."""
@@ -110,6 +115,7 @@ class NodeService:
         self.listener = Listener(s, spool, self.state, self.audit,
                                  seg_sink=self.intake.submit if self.intake is not None else None)
         self.listener.start()
+        self.finetune = FinetuneRunner(self.config, self.model_path, self.audit)
         completion = CompletionTracker(self.state, s.quiet_period_s)
         sender = Sender(s, self.state, self.audit)
         self._threads = [
@@ -161,6 +167,8 @@ class NodeService:
         self._wake_sender.set()
         for thread in self._threads:
             thread.join(timeout=30.0)
+        if self.finetune is not None:
+            self.finetune.stop()
         if self.dispatcher is not None:
             self.dispatcher.shutdown(max(0.0, deadline - time.monotonic()))
         if getattr(self, "intake", None) is not None:
@@ -199,6 +207,8 @@ class NodeService:
                 completion.promote_ready()
                 if self.dispatcher.poll():
                     self._wake_sender.set()  # finished jobs may have queued outputs
+                if self.finetune is not None and (self.finetune.enabled or self.finetune.process is not None):
+                    self.finetune.poll(self.dispatcher.busy > 0 or self.state.studies_waiting() > 0)
                 now = time.time()
                 if now - last_beat >= HEARTBEAT_EVERY_S:
                     self.state.set_info(heartbeat_at=now)

@@ -330,6 +330,12 @@ class StateStore:
             n = db.execute("SELECT COUNT(*) AS n FROM instances WHERE study_uid=?", (study_uid,)).fetchone()
         return dict(row, instances=n["n"])
 
+    def studies_waiting(self) -> int:
+        """Studies being received, queued or analysed (the node's own fine-tune yields to them)."""
+        with self._tx() as db:
+            return int(db.execute("SELECT COUNT(*) FROM studies WHERE status IN ('receiving', 'queued', 'processing')"
+                                  ).fetchone()[0])
+
     def is_node_output(self, sop_instance_uid: str) -> bool:
         """Whether the node produced this instance (it is in the outbox, whatever its status)."""
         with self._tx() as db:
