@@ -195,3 +195,11 @@ def test_node_finetune_starts_when_idle_at_low_priority_and_pauses_while_studies
     assert state["cases_at_last_finetune"] == 4 and state["decision"] in ("promote", "refuse")
     runner.poll(studies_waiting=False)  # no new corrections since: nothing starts
     assert runner.process is None
+
+
+def test_site_dataset_refuses_a_case_beyond_its_quota(site, tmp_path, capsys):
+    args = ["add", str(site["root"] / "seg41.dcm"), str(site["root"] / "study41"), "--site", str(tmp_path / "small"),
+            "--model", str(SHIPPED)]
+    assert site_main([*args, "--quota-mb", "0.01"]) == 2
+    assert "quota" in capsys.readouterr().err and list_cases(tmp_path / "small") == []
+    assert site_main(args) == 0 and len(list_cases(tmp_path / "small")) == 1
