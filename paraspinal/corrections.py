@@ -31,7 +31,6 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
 from paraspinal.model_bundle import LabelInfo
-from paraspinal.preprocessing import lps_affine_to_ras
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 #: A SEG frame must lie within this distance of a series slice (mm), and its in-plane spacing
@@ -80,8 +79,10 @@ class SourceSeries:
 
     @property
     def affine_ras(self) -> np.ndarray:
-        """4x4 (I, J, K) -> RAS mm (NIfTI convention)."""
-        return lps_affine_to_ras(self.affine_lps)
+        """4x4 (I, J, K) -> RAS mm (NIfTI convention): x and y negated, as
+        :func:`paraspinal.preprocessing.lps_affine_to_ras` does (not imported: it pulls in MONAI,
+        which the node's listener process has no other use for)."""
+        return np.diag([-1.0, -1.0, 1.0, 1.0]) @ self.affine_lps
 
 
 @dataclass(frozen=True)
