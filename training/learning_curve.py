@@ -41,7 +41,7 @@ CASE = "myosegmentum_tum01"
 LABELS = (1, 2, 3, 4)
 
 
-def split_slices(label: np.ndarray, block: int = 3) -> tuple[list[int], list[int]]:
+def split_slices(label: np.ndarray, block: int = 3, order_seed: int = 0) -> tuple[list[int], list[int]]:
     """(correction slices, evaluation slices) of the labelled K indices: contiguous blocks of
     ``block`` slices, every third block for evaluation."""
     labelled = [k for k in range(label.shape[2]) if (label[:, :, k] > 0).any()]
@@ -50,7 +50,7 @@ def split_slices(label: np.ndarray, block: int = 3) -> tuple[list[int], list[int
     corrections = [k for i, b in enumerate(blocks) if i % 3 != 1 for k in b]
     # Fed in a fixed shuffled order, so that a small batch spans the levels as corrected
     # studies would, rather than only the lowest slices.
-    order = np.random.default_rng(0).permutation(len(corrections))
+    order = np.random.default_rng(order_seed).permutation(len(corrections))
     return [corrections[i] for i in order], evaluation
 
 
@@ -79,10 +79,10 @@ def write_correction_dir(case: LoadedCase, slices: Sequence[int], folder: Path) 
 
 
 def run(start: Path, out: Path, steps: Sequence[int], iterations: int, batch_size: int, lr: float,
-        control: bool) -> list[dict[str, Any]]:
+        control: bool, order_seed: int = 0) -> list[dict[str, Any]]:
     torch.set_num_threads(1)
     case = real_cases()[CASE].load()
-    corrections, evaluation = split_slices(case.label)
+    corrections, evaluation = split_slices(case.label, order_seed=order_seed)
     out.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     results_path = out / "learning_curve.json"
@@ -115,7 +115,8 @@ def run(start: Path, out: Path, steps: Sequence[int], iterations: int, batch_siz
         results_path.write_text(json.dumps({
             "start": str(start), "start_version": read_metadata(start).get("version"), "case": CASE,
             "correction_order": corrections, "eval_slices": evaluation, "iterations": iterations,
-            "batch_size": batch_size, "lr": lr, "threads": 1, "results": results}, indent=2))
+            "batch_size": batch_size, "lr": lr, "threads": 1, "order_seed": order_seed, "results": results},
+            indent=2))
         print(json.dumps(entry), flush=True)
     return results
 
@@ -129,8 +130,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--no-control", action="store_true")
+    p.add_argument("--order-seed", type=int, default=0, help="seed of the order in which slices are fed")
     args = p.parse_args(argv)
-    run(args.start, args.out, args.steps, args.iterations, args.batch_size, args.lr, not args.no_control)
+    run(args.start, args.out, args.steps, args.iterations, args.batch_size, args.lr, not args.no_control,
+        args.order_seed)
     return 0
 
 
