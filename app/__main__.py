@@ -3,7 +3,8 @@
 ``run`` follows the MAP contract: ``-i/-o/-m`` or ``HOLOSCAN_INPUT_PATH``,
 ``HOLOSCAN_OUTPUT_PATH`` and ``HOLOSCAN_MODEL_PATH``.
 ``serve`` runs the DICOM node configured by the ``node:`` section; ``status`` reads its
-state database; ``demo`` runs archive, node and a synthetic study end to end.
+state database; ``model list|promote|rollback`` shows or switches the model version the node
+uses (``learning.models_dir``); ``demo`` runs archive, node and a synthetic study end to end.
 """
 
 from __future__ import annotations
@@ -139,6 +140,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     timeout_s=args.timeout)
 
 
+def cmd_model(args: argparse.Namespace) -> int:
+    """List the model versions, or switch the active one (audited)."""
+    from app.model_versions import cmd_model as run
+    from paraspinal.model_bundle import BundleError
+
+    try:
+        config = load_config(args.config)
+        return run(args, config, _path_arg(args.model, "HOLOSCAN_MODEL_PATH", str(DEFAULT_MODEL_PATH)))
+    except (ConfigError, BundleError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m app", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -162,6 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="exit 0 when the node is healthy (fresh heartbeat, a worker ready to analyse, listener "
                              "answers C-ECHO), else 1")
     status.set_defaults(func=cmd_status)
+    model = sub.add_parser("model", help="model versions: list, promote a site version, roll back")
+    model.add_argument("-m", "--model", help="the shipped bundle or models folder (default $HOLOSCAN_MODEL_PATH or ./models)")
+    model_sub = model.add_subparsers(dest="action", required=True)
+    model_sub.add_parser("list", help="shipped and site versions with their gate results; * marks the active one")
+    promote = model_sub.add_parser("promote", help="make a version active (from the node's next study on)")
+    promote.add_argument("version")
+    promote.add_argument("--force", action="store_true", help="promote a version the gate refused (audited as forced)")
+    model_sub.add_parser("rollback", help="return to the version active before the current one")
+    model.set_defaults(func=cmd_model)
     demo = sub.add_parser("demo", help="end to end on this machine: archive + node + synthetic study")
     demo.add_argument("--workdir", default="build/demo",
                       help="folder for the demo's files (its node/, archive/, study/ and logs/ are recreated)")

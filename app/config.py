@@ -148,12 +148,51 @@ class NodeSettings:
 
 
 @dataclass(frozen=True)
+class LearningSettings:
+    """The site teaches the model (README "The site teaches the model"; ``learning:`` section).
+
+    Attributes:
+        corrections: accept corrected muscle SEGs sent back to the node as training cases.
+        site_dir: the site dataset (cases/<id>/ image + label NIfTI and provenance JSON).
+        site_quota_mb: disk quota of the site dataset, MiB; a case beyond it is refused.
+        refused_dir: refused corrections are kept here with their reason (never trained on).
+        models_dir: site model versions and the ``active.json`` pointer.
+        finetune_after: the node fine-tunes itself after this many new corrections, when idle,
+            at low priority (0: never; ``python -m training.finetune`` by hand).
+        finetune_iterations, finetune_batch_size: length of a fine-tune (2D slice batches).
+        finetune_lr: AdamW learning rate of a fine-tune.
+        gate_max_drop: the gate refuses a candidate when any muscle's held-out Dice falls by
+            more than this (absolute Dice) against the current model.
+        gate_holdout_fraction: share of site patients held out for the gate (at least one).
+    """
+
+    corrections: bool = True
+    site_dir: Path = Path("var/site")
+    site_quota_mb: float = 2048.0
+    refused_dir: Path = Path("var/corrections_refused")
+    models_dir: Path = Path("var/models")
+    finetune_after: int = 0
+    finetune_iterations: int = 200
+    finetune_batch_size: int = 4
+    finetune_lr: float = 3e-4
+    gate_max_drop: float = 0.02
+    gate_holdout_fraction: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.site_quota_mb <= 0 or self.finetune_after < 0 or self.finetune_iterations < 1:
+            raise ConfigError("[learning] site_quota_mb must be > 0, finetune_after >= 0, finetune_iterations >= 1")
+        if not 0.0 < self.gate_holdout_fraction < 1.0 or self.gate_max_drop < 0:
+            raise ConfigError("[learning] gate_holdout_fraction must be within (0, 1) and gate_max_drop >= 0")
+
+
+@dataclass(frozen=True)
 class Config:
     selection: SelectionRules
     quantification: QuantificationSettings
     output: OutputSettings
     node: NodeSettings
     quality: QualitySettings = field(default_factory=QualitySettings)
+    learning: LearningSettings = field(default_factory=LearningSettings)
     source: tuple[str, ...] = field(default=())  # files and env keys it was built from
 
 
@@ -283,5 +322,6 @@ def load_config(
         output=_build(OutputSettings, "output", raw["output"], base),
         node=_build(NodeSettings, "node", raw["node"], base),
         quality=_build_quality(raw.get("quality") or {}),
+        learning=_build(LearningSettings, "learning", raw["learning"], base),
         source=tuple(sources + used),
     )

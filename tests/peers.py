@@ -194,11 +194,13 @@ def node_site_config(workdir: Path, port: int, **overrides: Any) -> dict:
     return {"node": node}
 
 
-def start_node(workdir: Path, model_path: Path, timeout_s: float = 120.0, **overrides: Any) -> Peer:
-    """``python -m app serve`` with a site configuration under ``workdir`` (see :func:`node_site_config`)."""
+def start_node(workdir: Path, model_path: Path, timeout_s: float = 120.0, sections: dict | None = None,
+               **overrides: Any) -> Peer:
+    """``python -m app serve`` with a site configuration under ``workdir`` (see :func:`node_site_config`);
+    ``sections``: other configuration sections (e.g. ``learning``) merged in as given."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = overrides.pop("port", None) or free_tcp_port()
-    site = node_site_config(workdir, port, **overrides)
+    site = {**node_site_config(workdir, port, **overrides), **(sections or {})}
     config_path = workdir / "node.yaml"
     config_path.write_text(yaml.safe_dump(site, sort_keys=False))
     process, log_path, handle = _spawn("node", [

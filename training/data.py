@@ -225,9 +225,20 @@ def site_cases(data_dir: Path) -> dict[str, "NiftiCase | DicomSegCase"]:
                 labelled_classes=tuple(int(c) for c in override.get(
                     "labelled_classes", config.get("labelled_classes", ALL_CLASSES))),
             )
+    from paraspinal.site_dataset import list_cases
+
+    for stored in list_cases(data_dir):  # corrections the node received (cases/<id>/, paraspinal.site_dataset)
+        cases[f"site:{stored.case_id}"] = NiftiCase(
+            case_id=f"site:{stored.case_id}",
+            image_paths=(stored.image_path,),
+            label_path=stored.label_path,
+            label_map={v: v for v in range(1, NUM_CLASSES)},
+            labelled_classes=stored.labelled_classes,
+            source=f"site correction {stored.case_id} (labels {list(stored.labelled_classes)[1:]})",
+        )
     if not cases:
-        raise CaseError(f"--data-dir {data_dir}: no <case>_image.nii[.gz] with a matching <case>_label file "
-                        "and no <case>/image/ + <case>/seg.dcm folder")
+        raise CaseError(f"--data-dir {data_dir}: no <case>_image.nii[.gz] with a matching <case>_label file, "
+                        "no <case>/image/ + <case>/seg.dcm folder and no cases/<id>/ site correction")
     return cases
 
 

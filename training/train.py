@@ -138,7 +138,8 @@ def collect_slices(config: TrainConfig) -> list[SliceSet]:
     if config.data_dir:
         site = site_cases(Path(config.data_dir))
         registry.update(site)
-        config.cases = sorted(set(config.cases) | set(site))
+        # Site cases held out (the gate's evaluation cases) stay out of training.
+        config.cases = sorted(set(config.cases) | (set(site) - set(config.holdout)))
     unknown = [c for c in config.cases if c not in registry]
     if unknown:
         raise CaseError(f"unknown case(s) {unknown}; known: {sorted(registry)}")

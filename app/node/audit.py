@@ -12,7 +12,11 @@ What is recorded (``event`` field):
   client certificate, plain DICOM on the TLS port), with the reason;
 * ``send``: one result object's C-STORE attempt: what (study hash, SOP class, SOP instance
   hash), where (destination), the outcome (``sent``, ``retry``, ``dead``) and the status;
-* ``node_started`` / ``node_stopped``.
+* ``node_started`` / ``node_stopped``;
+* site learning: ``correction_accepted`` / ``correction_refused`` / ``correction_ignored``
+  (:mod:`app.node.corrections`), ``finetune_started`` / ``finetune_finished``
+  (:mod:`app.node.learning`), ``model_promoted`` / ``model_rolled_back``
+  (:mod:`app.model_versions`, :mod:`training.finetune`).
 
 Studies and instances are named by :func:`app.node.logs.uid_hash` only; the file holds no
 patient data and no UIDs. The file is opened with ``O_APPEND`` (every line lands at the end,

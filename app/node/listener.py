@@ -37,6 +37,7 @@ import zlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 import pydicom.config
 from pydicom.dataelem import RawDataElement
@@ -68,6 +69,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from app.config import AllowedPeer, NodeSettings
 from app.node.audit import AuditLog, utc_iso
+from app.node.corrections import ReceivedSeg
 from app.node.logs import log_event, uid_hash
 from app.node.net import PeerCertificate, certificate_binding_refusal
 from app.node.spool import InvalidUID, Spool, validate_uid
@@ -446,8 +448,11 @@ class Listener:
         audit: the audit trail (default: none).
     """
 
-    def __init__(self, settings: NodeSettings, spool: Spool, state: StateStore, audit: AuditLog | None = None) -> None:
+    def __init__(self, settings: NodeSettings, spool: Spool, state: StateStore, audit: AuditLog | None = None,
+                 seg_sink: Callable[[ReceivedSeg], None] | None = None) -> None:
         self.settings = settings
+        #: where a spooled SEG that is no level source goes (a possible correction; app.node.corrections)
+        self.seg_sink = seg_sink
         self.spool = spool
         self.state = state
         self.audit = audit or AuditLog(None)
@@ -684,4 +689,7 @@ class Listener:
         log_event(log, logging.INFO, "instance_stored", calling_ae=calling_ae, study=study_uid, series=series_uid,
                   sop=sop_uid, transfer_syntax=transfer_syntax, bytes=stored.size, outcome=stored.outcome,
                   study_status=study_status, **({} if triggers else {"analysis": "not_triggered"}))
+        if not triggers and self.seg_sink is not None and stored.outcome != "duplicate":
+            # Checked later in the intake's own thread: the peer gets its status now.
+            self.seg_sink(ReceivedSeg(Path(stored.path), study_uid, series_uid, sop_uid, calling_ae))
         return STATUS_SUCCESS

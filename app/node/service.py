@@ -5,7 +5,10 @@ Threads in the node process:
 * pynetdicom's server threads (one per association) run the listener's handlers;
 * the scheduler thread promotes quiet studies and feeds the worker pool
   (:class:`app.node.worker.Dispatcher`), and writes a heartbeat to the state database;
-* the sender thread sends due outbox items.
+* the sender thread sends due outbox items;
+* the corrections thread turns received muscle SEGs into site cases (app.node.corrections);
+  the scheduler also starts, pauses and resumes the node's own fine-tune (app.node.learning,
+  off by default).
 
 On start, state left by an earlier run is resumed: analyses that were running are queued
 again, studies found in the spool but missing from the database are adopted, studies still
@@ -31,6 +34,8 @@ from pathlib import Path
 from app.config import Config
 from app.node.audit import AuditLog
 from app.node.completion import CompletionTracker
+from app.node.corrections import CorrectionIntake
+from app.node.learning import FinetuneRunner
 from app.node.listener import Listener
 from app.node.logs import log_event
 from app.node.retention import purge_expired
@@ -38,6 +43,7 @@ from app.node.sender import Sender
 from app.node.spool import Spool, ensure_dir
 from app.node.state import StateStore
 from app.node.worker import Dispatcher
+from paraspinal.model_registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +84,9 @@ class NodeService:
         self._wake_sender = threading.Event()
         self._threads: list[threading.Thread] = []
         self.spool: Spool | None = None
+        self.registry: ModelRegistry | None = None
+        self.intake: CorrectionIntake | None = None
+        self.finetune: FinetuneRunner | None = None
 
     def start(self) -> None:
         """Open the state, resume earlier work, start workers, listener and loops."""
@@ -95,10 +104,18 @@ class NodeService:
         log_event(log, logging.INFO, "node_resumed", requeued=len(requeued), adopted=len(adopted),
                   receiving=len(restarted), stale_temp_files=temp_files, partial_folders=partial_dirs,
                   state_db=s.state_db)
-        self.dispatcher = Dispatcher(s, self.config, self.state, spool, self.model_path, self.device, self.log_level)
+        self.registry = ModelRegistry(self.model_path, self.config.learning.models_dir)
+        self.dispatcher = Dispatcher(s, self.config, self.state, spool, self.model_path, self.device, self.log_level,
+                                     registry=self.registry)
         self.dispatcher.start()
-        self.listener = Listener(s, spool, self.state, self.audit)
+        self.intake = None
+        if self.config.learning.corrections:
+            self.intake = CorrectionIntake(self.config.learning, self.state, spool, self.audit, self.registry)
+            self.intake.start()
+        self.listener = Listener(s, spool, self.state, self.audit,
+                                 seg_sink=self.intake.submit if self.intake is not None else None)
         self.listener.start()
+        self.finetune = FinetuneRunner(self.config, self.model_path, self.audit)
         completion = CompletionTracker(self.state, s.quiet_period_s)
         sender = Sender(s, self.state, self.audit)
         self._threads = [
@@ -150,8 +167,12 @@ class NodeService:
         self._wake_sender.set()
         for thread in self._threads:
             thread.join(timeout=30.0)
+        if self.finetune is not None:
+            self.finetune.stop()
         if self.dispatcher is not None:
             self.dispatcher.shutdown(max(0.0, deadline - time.monotonic()))
+        if getattr(self, "intake", None) is not None:
+            self.intake.stop()
         if self.state is not None:
             self.state.set_info(stopped_at=time.time())
             self.state.close()
@@ -186,6 +207,8 @@ class NodeService:
                 completion.promote_ready()
                 if self.dispatcher.poll():
                     self._wake_sender.set()  # finished jobs may have queued outputs
+                if self.finetune is not None and (self.finetune.enabled or self.finetune.process is not None):
+                    self.finetune.poll(self.dispatcher.busy > 0 or self.state.studies_waiting() > 0)
                 now = time.time()
                 if now - last_beat >= HEARTBEAT_EVERY_S:
                     self.state.set_info(heartbeat_at=now)

@@ -330,6 +330,32 @@ class StateStore:
             n = db.execute("SELECT COUNT(*) AS n FROM instances WHERE study_uid=?", (study_uid,)).fetchone()
         return dict(row, instances=n["n"])
 
+    def studies_waiting(self) -> int:
+        """Studies being received, queued or analysed (the node's own fine-tune yields to them)."""
+        with self._tx() as db:
+            return int(db.execute("SELECT COUNT(*) FROM studies WHERE status IN ('receiving', 'queued', 'processing')"
+                                  ).fetchone()[0])
+
+    def is_node_output(self, sop_instance_uid: str) -> bool:
+        """Whether the node produced this instance (it is in the outbox, whatever its status)."""
+        with self._tx() as db:
+            return db.execute("SELECT 1 FROM outbox WHERE sop_instance_uid=? LIMIT 1",
+                              (sop_instance_uid,)).fetchone() is not None
+
+    def node_outputs(self, study_uid: str, sop_class_uid: str) -> list[str]:
+        """SOP Instance UIDs of the node's current (not superseded) results of a study of one class."""
+        with self._tx() as db:
+            rows = db.execute("SELECT DISTINCT sop_instance_uid FROM outbox WHERE study_uid=? AND sop_class_uid=?"
+                              " AND status != 'superseded' ORDER BY id", (study_uid, sop_class_uid)).fetchall()
+        return [r["sop_instance_uid"] for r in rows]
+
+    def series_instances(self, study_uid: str, series_uid: str) -> list[str]:
+        """SOP Instance UIDs recorded for one series of a study."""
+        with self._tx() as db:
+            rows = db.execute("SELECT sop_instance_uid FROM instances WHERE study_uid=? AND series_uid=?",
+                              (study_uid, series_uid)).fetchall()
+        return [r["sop_instance_uid"] for r in rows]
+
     # ---- retention -------------------------------------------------------------------------
 
     def expired_studies(self, finished_before: float) -> list[dict[str, Any]]:

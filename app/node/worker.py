@@ -43,6 +43,7 @@ from app.config import Config, NodeSettings
 from app.node.logs import log_event, setup_logging
 from app.node.spool import Spool, atomic_write, ensure_dir, publish_dir
 from app.node.state import Claim, StateStore, destination_key
+from paraspinal.model_registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +244,7 @@ class Dispatcher:
     """
 
     def __init__(self, settings: NodeSettings, config: Config, state: StateStore, spool: Spool, model_path: Path,
-                 device: str | None = None, log_level: str = "INFO") -> None:
+                 device: str | None = None, log_level: str = "INFO", registry: ModelRegistry | None = None) -> None:
         self.settings = settings
         self.config = config
         self.state = state
@@ -261,6 +262,10 @@ class Dispatcher:
         self._load_error = ""  # the latest reason a worker could not load the pipeline and model
         self._published: tuple[int, str] | None = None  # (workers_ready, worker_error) last written
         self.destinations = [destination_key(d.ae_title, d.host, d.port) for d in settings.destinations]
+        #: the model versions: each study is analysed with the version active when it is claimed,
+        #: so a promotion or rollback takes effect between studies without a restart.
+        self.registry = registry
+        self._model_in_use = self.model_path
 
     def _spawn(self) -> WorkerProcess:
         self._started += 1
@@ -320,9 +325,10 @@ class Dispatcher:
             if claim is None:
                 break
             study_dir = self.spool.study_dir(claim.study_uid)
+            model_path = self._current_model()
             try:
                 worker.conn.send((claim.study_uid, str(study_dir), str(self.settings.results_dir),
-                                  str(self.model_path), self.config, self.device))
+                                  str(model_path), self.config, self.device))
             except (OSError, ValueError):  # the process is gone: the study waits for the next worker
                 self.state.release(claim)
                 break
@@ -331,6 +337,17 @@ class Dispatcher:
                       busy=self.busy, workers=self.n_workers, worker_pid=worker.pid)
         self._publish_readiness()
         return ended
+
+    def _current_model(self) -> Path:
+        """The active model version's bundle (a stat of the pointer per study), logged when it changes."""
+        if self.registry is None:
+            return self.model_path
+        path = self.registry.active_path()
+        if path != self._model_in_use:
+            log_event(log, logging.INFO, "model_switched", previous=self._model_in_use, model_path=path,
+                      note="studies claimed from now on use this model version")
+            self._model_in_use = path
+        return path
 
     @property
     def ready(self) -> int:
