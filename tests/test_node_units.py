@@ -592,6 +592,27 @@ def test_retention_forgets_finished_delivered_studies_and_keeps_what_is_still_ne
     state.close()
 
 
+def test_retention_removes_refused_corrections_past_retention_and_keeps_recent_ones(tmp_path):
+    import os
+
+    from app.node.audit import AuditLog, read_audit
+    from app.node.retention import purge_refused_corrections
+
+    refused = tmp_path / "refused"
+    now = 100 * DAY
+    for name, age_days in (("old", 15), ("recent", 13)):
+        folder = refused / name
+        folder.mkdir(parents=True)
+        (folder / "seg.dcm").write_bytes(b"DICM")
+        os.utime(folder, (now - age_days * DAY, now - age_days * DAY))
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    assert purge_refused_corrections(refused, 0.0, audit, now=now) == []  # 0: keep everything
+    assert purge_refused_corrections(refused, 14.0, audit, now=now) == ["old"]
+    assert sorted(p.name for p in refused.iterdir()) == ["recent"]
+    audit.close()
+    assert [e["seg"] for e in read_audit(tmp_path / "audit.jsonl") if e["event"] == "refused_correction_purged"] == ["old"]
+
+
 def test_retention_keeps_results_without_destinations_and_zero_keeps_everything(tmp_path):
     from app.node.retention import purge_expired
 

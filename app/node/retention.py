@@ -13,6 +13,9 @@ adopted as a study) and deleted after the lock is released. A crash between the 
 a spool folder without rows, which the next start adopts as a new study: analysed once more and
 its results re-sent under the same UIDs (idempotent), never lost. Leftover ``.purge-*`` folders
 are removed at the next sweep.
+
+Refused corrections (``learning.refused_dir``, SEGs kept as received, patient headers included)
+follow the same ``retention_days``, counted from their refusal (:func:`purge_refused_corrections`).
 """
 
 from __future__ import annotations
@@ -94,3 +97,26 @@ def purge_expired(settings: NodeSettings, state: StateStore, spool: Spool, audit
         for folder in aside:
             shutil.rmtree(folder, ignore_errors=True)
     return purged
+
+
+def purge_refused_corrections(refused_dir: Path, retention_days: float, audit: AuditLog | None = None,
+                              now: float | None = None) -> list[str]:
+    """Remove refused corrections (``<refused_dir>/<seg hash>/``) refused more than
+    ``retention_days`` ago (the folder's modification time: it is written once, at refusal);
+    returns the removed folders' names (SEG hashes). ``retention_days <= 0`` keeps everything."""
+    root = Path(refused_dir)
+    if retention_days <= 0 or not root.is_dir():
+        return []
+    now = time.time() if now is None else now
+    removed = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(PURGE_PREFIX)):
+        if now - folder.stat().st_mtime <= retention_days * DAY_S:
+            continue
+        aside = _set_aside(folder)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+            removed.append(folder.name)
+            log_event(log, logging.INFO, "refused_correction_purged", seg=folder.name)
+            if audit is not None:
+                audit.write("refused_correction_purged", seg=folder.name, retention_days=retention_days)
+    return removed

@@ -38,7 +38,7 @@ from app.node.corrections import CorrectionIntake
 from app.node.learning import FinetuneRunner
 from app.node.listener import Listener
 from app.node.logs import log_event
-from app.node.retention import purge_expired
+from app.node.retention import purge_expired, purge_refused_corrections
 from app.node.sender import Sender
 from app.node.spool import Spool, ensure_dir
 from app.node.state import StateStore
@@ -204,6 +204,8 @@ class NodeService:
                 if time.monotonic() >= next_retention:
                     next_retention = time.monotonic() + self.settings.retention_check_interval_s
                     purge_expired(self.settings, self.state, self.spool, self.audit)
+                    purge_refused_corrections(self.config.learning.refused_dir, self.settings.retention_days,
+                                              self.audit)
                 completion.promote_ready()
                 if self.dispatcher.poll():
                     self._wake_sender.set()  # finished jobs may have queued outputs
