@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -207,3 +208,39 @@ def start_node(workdir: Path, model_path: Path, timeout_s: float = 120.0, **over
     peer = Peer("node", process, site["node"]["ae_title"], port, workdir, log_path, handle)
     allowed = site["node"]["allowed_peers"]
     return _started(peer, timeout_s, allowed[0]["ae_title"] if allowed else "ECHOSCU")
+
+
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def start_dicomweb_archive(workdir: Path, http_port: int | None = None, users: dict[str, str] | None = None,
+                           timeout_s: float = 60.0) -> Orthanc:
+    """Orthanc with its DICOMweb plugin at ``/dicom-web/`` on loopback (``http_port``, else a free
+    one), storage under ``workdir`` (a restart on the same folder keeps what it holds). ``users``:
+    HTTP basic-auth users (name -> password); then every request needs one. No DICOM peers."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    dicom_port, http_port = free_tcp_port(), http_port or free_tcp_port()
+    config = {
+        "Name": "dicomweb-archive",
+        "StorageDirectory": str(workdir / "storage"), "IndexDirectory": str(workdir / "index"),
+        "DicomAet": "ORTHANC", "DicomPort": dicom_port, "HttpPort": http_port,
+        "RemoteAccessAllowed": False, "AuthenticationEnabled": bool(users), "RegisteredUsers": users or {},
+        "DicomAlwaysAllowStore": False, "DicomAlwaysAllowEcho": False,
+        "Plugins": [str(DICOMWEB_PLUGIN)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False, "Ssl": False,
+                     "StudiesMetadata": "MainDicomTags", "SeriesMetadata": "MainDicomTags"},
+        "SaveJobs": False, "StableAge": 1,
+    }
+    config_path = workdir / "orthanc.json"
+    config_path.write_text(json.dumps(config, indent=2))
+    process, log_path, handle = _spawn("orthanc", ["Orthanc", str(config_path)], workdir)
+    orthanc = Orthanc("orthanc", process, "ORTHANC", dicom_port, workdir, log_path, handle, http_port=http_port)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and orthanc.alive():
+        try:
+            with socket.create_connection((HOST, http_port), timeout=1.0):
+                return orthanc
+        except OSError:
+            time.sleep(0.2)
+    orthanc.stop()
+    raise RuntimeError(f"Orthanc with DICOMweb did not start within {timeout_s} s; log:\n{orthanc.log_text()[-3000:]}")
