@@ -15,6 +15,7 @@ a real process death, which Ray must detect and recover from.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import resource
@@ -132,7 +133,8 @@ class StudyAnalyser:
 
         The outcome: ``status`` (done | no_suitable_series | failed, as ``result.json``),
         ``reason``, ``rows`` (the study's ``measurements.csv`` as dicts), ``outputs`` ([SOP Class
-        UID, SOP Instance UID] stored), ``instances`` fetched, ``elapsed_s`` (wall, s) and where
+        UID, SOP Instance UID] stored), ``instances`` fetched, ``timings_s`` (the pipeline's
+        stages, s, from ``result.json``), ``elapsed_s`` (wall, s) and where
         it ran with its memory (``rss_mb`` now, ``peak_rss_mb`` of the process so far, MiB).
         Raises (so the driver retries) when the study cannot be fetched or its results stored.
         """
@@ -158,12 +160,15 @@ class StudyAnalyser:
                 results = Path(outcome["folder"]) if outcome.get("folder") else None
             rows: list[dict[str, str]] = []
             outputs: list[tuple[str, str]] = []
+            timings: dict[str, float] = {}
+            if results is not None and (results / "result.json").is_file():
+                timings = json.loads((results / "result.json").read_text()).get("timings_s", {})
             if status == "done" and results is not None:
                 with open(results / "measurements.csv", newline="") as handle:
                     rows = list(csv.DictReader(handle))
                 outputs = self._store(results) if self.output_dicomweb else _identities(sorted(results.glob("*.dcm")))
             return {"study_uid": study_uid, "status": status, "reason": reason, "rows": rows,
-                    "outputs": outputs, "instances": instances, "elapsed_s": round(time.monotonic() - start, 3),
+                    "outputs": outputs, "instances": instances, "timings_s": timings, "elapsed_s": round(time.monotonic() - start, 3),
                     "host": socket.gethostname(), "pid": os.getpid(), "rss_mb": round(_rss_mb(), 1),
                     "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)}
         finally:

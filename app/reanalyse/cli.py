@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 #: Fault injection for tests: ``<StudyInstanceUID>,<marker file>`` (see app.reanalyse.actors).
 CRASH_ONCE_ENV = "PARASPINAL_REANALYSE_CRASH_ONCE"
+#: Readiness checks (1 s apart) of a restarting actor before the run goes on without it.
+MAX_READINESS_CHECKS = 600
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -61,7 +63,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                      "on a multi-machine cluster a folder every node mounts)")
     run = p.add_argument_group("run")
     run.add_argument("--workdir", default="reanalyse-run", help="the run folder: ledger, cohort table, summary")
-    run.add_argument("--resume", action="store_true", help="skip studies the run folder's ledger has as done")
+    run.add_argument("--resume", action="store_true", help="skip studies the run folder's ledger has an outcome "
+                     "for (done, nothing to analyse, or failed after its retries)")
+    run.add_argument("--retry-failed", action="store_true", help="with --resume: analyse failed studies again")
     run.add_argument("--retries", type=int, default=2, help="more tries of a failed study before it is recorded "
                      "as failed (default 2)")
     run.add_argument("--address", help="Ray cluster to join (e.g. 10.0.0.1:6379 or auto); default: a local Ray")
@@ -106,9 +110,9 @@ def _spool(args: argparse.Namespace, source: DicomwebDestination | None, spool: 
     return spool_qido(make_client(source), _parse_filters(args.query), spool)
 
 
-def _todo(spool: Path, ledger: StudyLedger, resume: bool) -> Iterator[StudyItem]:
+def _todo(spool: Path, ledger: StudyLedger, resume: bool, retry_failed: bool) -> Iterator[StudyItem]:
     for item in read_spool(spool):
-        if not (resume and ledger.finished_ok(item.study_uid)):
+        if not (resume and ledger.finished(item.study_uid, retry_failed)):
             yield item
 
 
@@ -192,7 +196,7 @@ def run_reanalysis(args: argparse.Namespace, source: DicomwebDestination | None,
     ledger = StudyLedger(workdir)
     spool = workdir / "studies.tsv"
     n_source = _spool(args, source, spool)
-    n_todo = sum(1 for _ in _todo(spool, ledger, args.resume))
+    n_todo = sum(1 for _ in _todo(spool, ledger, args.resume, args.retry_failed))
     print(f"source: {n_source} studies; to analyse: {n_todo}"
           + (f" ({n_source - n_todo} already done)" if args.resume else ""), file=sys.stderr)
     stats: dict[str, Any] = {"source_studies": n_source, "analysed": 0, "workers": 0}
@@ -230,14 +234,21 @@ def _analyse_on_ray(args: argparse.Namespace, source: DicomwebDestination | None
           + ", ".join(f"{i['host']}:{i['pid']} {i['device']}" for i in identities), file=sys.stderr)
 
     progress = _Progress(n_todo, not args.no_progress)
-    items = _todo(spool, ledger, args.resume)
+    items = _todo(spool, ledger, args.resume, args.retry_failed)
     retry: deque[tuple[StudyItem, int]] = deque()
     free = list(range(workers))
-    inflight: dict[Any, tuple[int, StudyItem, int]] = {}
+    # ref -> (actor index, item, attempt); item None: a readiness check of an actor that died
+    inflight: dict[Any, tuple[int, StudyItem | None, int]] = {}
+    checks_due: dict[int, float] = {}  # actor index -> monotonic time of its next readiness check
+    check_failures = [0] * workers
     peak_rss: dict[str, float] = {}
     analysed = crashes = 0
     t_loop = time.monotonic()
     while True:
+        for index, due in list(checks_due.items()):
+            if time.monotonic() >= due:  # a restarted actor gets studies again once it answers
+                del checks_due[index]
+                inflight[actors[index].identity.remote()] = (index, None, 0)
         while free:  # backpressure: a study is taken from the source only when an actor is free
             if retry:
                 item, attempt = retry.popleft()
@@ -247,18 +258,35 @@ def _analyse_on_ray(args: argparse.Namespace, source: DicomwebDestination | None
                     break
             index = free.pop()
             inflight[actors[index].analyse.remote(item.study_uid, item.folder)] = (index, item, attempt)
-        if not inflight:
+        if not inflight and not checks_due:
             break
-        ready, _ = ray.wait(list(inflight), num_returns=1)
+        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0 if checks_due else None)
         for ref in ready:
             index, item, attempt = inflight.pop(ref)
-            free.append(index)
+            actor_lost = False
             try:
                 outcome = ray.get(ref)
-                reason = outcome["reason"] if outcome["status"] == "failed" else ""
-            except Exception as exc:  # RayTaskError (fetch/store/pipeline raised), RayActorError (died)
+                reason = outcome["reason"] if item is not None and outcome["status"] == "failed" else ""
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                outcome, reason, actor_lost = None, _failure_reason(exc), True
+            except Exception as exc:  # RayTaskError: fetching, the pipeline or storing raised
                 outcome, reason = None, _failure_reason(exc)
-                crashes += int(isinstance(exc, ray.exceptions.RayActorError))
+            if item is None:  # a readiness check
+                if not actor_lost:
+                    check_failures[index] = 0
+                    free.append(index)
+                elif check_failures[index] < MAX_READINESS_CHECKS:
+                    check_failures[index] += 1
+                    checks_due[index] = time.monotonic() + 1.0
+                else:
+                    log.error("worker %d did not come back after %d checks; going on without it", index,
+                              MAX_READINESS_CHECKS)
+                continue
+            if actor_lost:  # Ray restarts the actor (and reloads the model): check before reuse
+                crashes += 1
+                checks_due[index] = time.monotonic() + 1.0
+            else:
+                free.append(index)
             if outcome is not None:
                 key = f"{outcome['host']}:{outcome['pid']}"
                 peak_rss[key] = max(peak_rss.get(key, 0.0), outcome["peak_rss_mb"])
@@ -272,6 +300,8 @@ def _analyse_on_ray(args: argparse.Namespace, source: DicomwebDestination | None
             ledger.write(record)
             analysed += 1
             progress.step(failed=record["status"] not in FINAL_OK)
+        if not free and not inflight and not checks_due:
+            raise RuntimeError("every worker is gone (they do not come back after dying): see the Ray logs")
     progress.close()
     loop_s = time.monotonic() - t_loop
     for actor in actors:
@@ -302,7 +332,7 @@ def cmd_reanalyse(args: argparse.Namespace) -> int:
     try:
         from paraspinal.model_bundle import BundleError, find_bundle
 
-        model_path = find_bundle(model_path)
+        model_path = find_bundle(model_path).resolve()  # the actors' working folder is Ray's
         source = _service(args.dicomweb, args.auth_header_file, args.token_file, args.ca_bundle) \
             if args.dicomweb else None
         output = None

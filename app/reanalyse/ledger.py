@@ -2,8 +2,9 @@
 
 A study's file is written (atomically) by the driver only once its outcome is final: results
 stored (STOW-RS answered, or the results folder published) and measurements in hand, or the
-study failed for good. ``--resume`` skips a study whose file says ``done`` or
-``no_suitable_series``; a failed one is analysed again. Since the pipeline's output UIDs are
+study failed for good. ``--resume`` skips every study with a file: its results exist
+(``done``), it had nothing to analyse (``no_suitable_series``), or it failed for good after its
+retries (``failed``: listed in the failure summary; ``--retry-failed`` analyses those again). Since the pipeline's output UIDs are
 derived from the inputs (:func:`paraspinal.dicom_outputs.stable_uid`), analysing a study twice
 stores the same SOP instances again: resuming after a crash of the driver is idempotent.
 
@@ -44,10 +45,10 @@ class StudyLedger:
         except (OSError, ValueError):
             return None
 
-    def finished_ok(self, study_uid: str) -> bool:
-        """The study's results exist (a previous run stored them, or it had nothing to analyse)."""
+    def finished(self, study_uid: str, retry_failed: bool = False) -> bool:
+        """The study has a final outcome (with ``retry_failed``: other than ``failed``)."""
         record = self.read(study_uid)
-        return record is not None and record.get("status") in FINAL_OK
+        return record is not None and (record.get("status") in FINAL_OK or not retry_failed)
 
     def write(self, record: dict[str, Any]) -> Path:
         """Record one study's final outcome (``record["study_uid"]`` names it)."""
