@@ -115,7 +115,7 @@ def first_run(tmp_path_factory):
         marker = root / "crashed-once"
         workdir = root / "run"
         start = time.monotonic()
-        result = _reanalyse(head, workdir, url, "--query", "ModalitiesInStudy=MR",
+        result = _reanalyse(head, workdir, url, "--query", "ModalitiesInStudy=MR", "--studies-per-worker", "5",
                             env={"PARASPINAL_REANALYSE_CRASH_ONCE": f"{crashed},{marker}"})
         yield {"archive": archive, "head": head, "url": url, "workdir": workdir, "result": result, "root": root,
                "synthetic": synthetic, "real_uid": real_uid, "real": real, "broken_uid": broken.study_uid,
@@ -165,6 +165,8 @@ def test_worker_killed_in_the_middle_of_a_study_gets_the_study_retried(first_run
     assert record["status"] == "done" and record["attempts"] == 2, record
     stats = json.loads((first_run["workdir"] / "run.json").read_text())
     assert stats["worker_deaths"] == 1 and stats["workers"] == 2
+    # Actors are also replaced on purpose every 5 studies (memory bound): 24 analyses, 2 slots.
+    assert stats["workers_replaced"] >= 2 and len(stats["peak_rss_mb_per_worker"]) >= 4
     assert "the worker process died" in run.stderr
 
 
@@ -230,3 +232,37 @@ def test_analysing_a_study_again_stores_the_same_instances(first_run):
     record = _records(workdir)[study_uid]
     assert record["status"] == "done" and record["outputs"] == first_outputs
     assert _instances(client, study_uid) == before
+
+
+def test_qido_paging_lists_each_matching_study_once_even_where_the_archive_cannot_page(first_run, tmp_path):
+    """Orthanc 1.10 / DICOMweb 1.7 returns nothing for ModalitiesInStudy with an offset: the source
+    notices and asks for the whole list; a filter it does page (StudyDate) goes page by page."""
+    from app.reanalyse import sources
+
+    expected = {s.study_uid for s in first_run["synthetic"]} | {first_run["real_uid"], first_run["broken_uid"]}
+    client = first_run["client"]
+    assert set(sources.qido_study_uids(client, {"ModalitiesInStudy": "MR"}, page=5)) == expected
+    paged = list(sources.qido_study_uids(client, {"StudyDate": "19000101-20991231"}, page=5))
+    assert len(paged) == len(set(paged)) and set(paged) >= expected | {first_run["ct_uid"]}
+    original, sources.QIDO_PAGE = sources.QIDO_PAGE, 5
+    try:
+        assert sources.spool_qido(client, {"ModalitiesInStudy": "MR"}, tmp_path / "spool.tsv") == len(expected)
+    finally:
+        sources.QIDO_PAGE = original
+    assert {i.study_uid for i in sources.read_spool(tmp_path / "spool.tsv")} == expected
+
+
+def test_folder_and_list_sources_spool_one_line_per_study(tmp_path):
+    from app.reanalyse.sources import read_spool, spool_folder, spool_list
+
+    studies = [_small_study(tmp_path / "exports" / name, seed) for name, seed in (("b", 2), ("a", 1))]
+    (tmp_path / "exports" / "notes").mkdir()
+    (tmp_path / "exports" / "notes" / "README.txt").write_text("not DICOM")
+    assert spool_folder(tmp_path / "exports", tmp_path / "folder.tsv") == 2
+    items = list(read_spool(tmp_path / "folder.tsv"))
+    assert [(i.study_uid, Path(i.folder).name) for i in items] == [(studies[1].study_uid, "a"),
+                                                                    (studies[0].study_uid, "b")]
+    (tmp_path / "list.txt").write_text(f"{studies[0].study_uid}\n\n# a comment\n{studies[1].study_uid}  # x\n")
+    assert spool_list(tmp_path / "list.txt", tmp_path / "list.tsv") == 2
+    assert [i.study_uid for i in read_spool(tmp_path / "list.tsv")] == [s.study_uid for s in studies]
+    assert all(i.folder == "" for i in read_spool(tmp_path / "list.tsv"))

@@ -10,6 +10,7 @@ not stable) or on the number of studies.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ import pydicom
 
 if TYPE_CHECKING:
     from dicomweb_client import DICOMwebClient
+
+log = logging.getLogger(__name__)
 
 #: Studies asked for per QIDO-RS request.
 QIDO_PAGE = 500
@@ -46,17 +49,36 @@ def _write_spool(items: Iterator[StudyItem], spool: Path) -> int:
     return n
 
 
-def qido_study_uids(client: "DICOMwebClient", filters: Mapping[str, str], page: int = QIDO_PAGE) -> Iterator[str]:
+def _uids(found: list[dict]) -> Iterator[str]:
+    for study in found:
+        value = study.get(STUDY_INSTANCE_UID_TAG, {}).get("Value")
+        if value:
+            yield str(value[0])
+
+
+def qido_study_uids(client: "DICOMwebClient", filters: Mapping[str, str], page: int | None = None) -> Iterator[str]:
     """Study Instance UIDs matching ``filters`` (QIDO-RS attribute=value pairs, e.g.
-    ``ModalitiesInStudy=MR``, ``StudyDate=20200101-20201231``), page by page."""
+    ``ModalitiesInStudy=MR``, ``StudyDate=20200101-20201231``), page by page (``limit``/``offset``).
+
+    Some archives do not page some filters: Orthanc 1.10 with its DICOMweb plugin 1.7 answers
+    ``ModalitiesInStudy=MR&limit=N&offset=M`` with nothing for any M > 0. So when a full page is
+    followed by an empty one, the last study of the full page is asked for again
+    (``offset-1, limit 1``); if the archive does not return it, its paging is broken for this
+    query and the whole list is asked for in one request instead (a UID may then come twice;
+    :func:`spool_qido` keeps each once).
+    """
+    page = page or QIDO_PAGE
     offset = 0
     while True:
         found = client.search_for_studies(search_filters=dict(filters), offset=offset, limit=page,
                                           fields=["StudyInstanceUID"])
-        for study in found:
-            value = study.get(STUDY_INSTANCE_UID_TAG, {}).get("Value")
-            if value:
-                yield str(value[0])
+        yield from _uids(found)
+        if offset and not found and not client.search_for_studies(
+                search_filters=dict(filters), offset=offset - 1, limit=1, fields=["StudyInstanceUID"]):
+            log.warning("the archive does not page this QIDO-RS query (offset %d gives nothing); asking for "
+                        "all matching studies at once", offset)
+            yield from _uids(client.search_for_studies(search_filters=dict(filters), fields=["StudyInstanceUID"]))
+            return
         if len(found) < page:
             return
         offset += len(found)
