@@ -213,8 +213,8 @@ class NodeSettings:
         if self.tls_enabled and self.tls_require_client_certificate and not self.tls_ca_certificates:
             raise ConfigError("[node] tls_require_client_certificate needs tls_ca_certificates (the CAs that "
                               "sign the peers' certificates)")
-        if any(getattr(d, "tls", False) for d in self.destinations) and not (self.tls_certificate and self.tls_private_key
-                                                          and self.tls_ca_certificates):
+        tls_destination = any(getattr(d, "tls", False) for d in self.destinations)
+        if tls_destination and not (self.tls_certificate and self.tls_private_key and self.tls_ca_certificates):
             raise ConfigError("[node] a destination with tls: true needs tls_certificate, tls_private_key and "
                               "tls_ca_certificates")
 

@@ -120,7 +120,8 @@ def first_run(tmp_path_factory):
         yield {"archive": archive, "head": head, "url": url, "workdir": workdir, "result": result, "root": root,
                "synthetic": synthetic, "real_uid": real_uid, "real": real, "broken_uid": broken.study_uid,
                "ct_uid": ct.study_uid,
-               "ct_sops": {uid for stack in ct.stacks for uid in stack.sop_instance_uids}, "crashed_uid": crashed, "marker": marker,
+               "ct_sops": {uid for stack in ct.stacks for uid in stack.sop_instance_uids},
+               "crashed_uid": crashed, "marker": marker,
                "client": make_client(DicomwebDestination(url=url)), "elapsed_s": time.monotonic() - start}
     finally:
         if head is not None:

@@ -171,7 +171,8 @@ class StudyAnalyser:
                     rows = list(csv.DictReader(handle))
                 outputs = self._store(results) if self.output_dicomweb else _identities(sorted(results.glob("*.dcm")))
             return {"study_uid": study_uid, "status": status, "reason": reason, "rows": rows,
-                    "outputs": outputs, "instances": instances, "timings_s": timings, "elapsed_s": round(time.monotonic() - start, 3),
+                    "outputs": outputs, "instances": instances, "timings_s": timings,
+                    "elapsed_s": round(time.monotonic() - start, 3),
                     "host": socket.gethostname(), "pid": os.getpid(), "rss_mb": round(_rss_mb(), 1),
                     "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)}
         finally:

@@ -121,7 +121,9 @@ def _todo(spool: Path, ledger: StudyLedger, resume: bool, retry_failed: bool) ->
 
 def _format_eta(seconds: float) -> str:
     seconds = int(max(0, seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 class _Progress:
@@ -256,6 +258,7 @@ def _analyse_on_ray(args: argparse.Namespace, source: DicomwebDestination | None
     replaced = 0
     peak_rss: dict[str, float] = {}
     analysed = crashes = 0
+    exhausted = False  # the source has given its last study
     t_loop = time.monotonic()
     while True:
         for index, due in list(checks_due.items()):
@@ -268,11 +271,17 @@ def _analyse_on_ray(args: argparse.Namespace, source: DicomwebDestination | None
             else:
                 item, attempt = next(items, None), 1
                 if item is None:
+                    exhausted = True
                     break
             index = free.pop()
             inflight[actors[index].analyse.remote(item.study_uid, item.folder)] = (index, item, attempt)
+        if exhausted and not retry and not any(item is not None for _, item, _ in inflight.values()):
+            break  # all done (an actor still starting is not waited for: nothing is left for it)
         if not inflight and not checks_due:
-            break
+            raise RuntimeError("every worker is gone (they did not come back after dying): see the Ray logs")
+        if not inflight:  # every actor is restarting: its readiness check is due within a second
+            time.sleep(0.2)
+            continue
         ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0 if checks_due else None)
         for ref in ready:
             index, item, attempt = inflight.pop(ref)
@@ -322,8 +331,6 @@ def _analyse_on_ray(args: argparse.Namespace, source: DicomwebDestination | None
             ledger.write(record)
             analysed += 1
             progress.step(failed=record["status"] not in FINAL_OK)
-        if not free and not inflight and not checks_due:
-            raise RuntimeError("every worker is gone (they do not come back after dying): see the Ray logs")
     progress.close()
     loop_s = time.monotonic() - t_loop
     for actor in actors:

@@ -74,7 +74,8 @@ def write_cohort(ledger: StudyLedger, workdir: Path) -> dict[str, Any]:
             for record in ledger.records():
                 outcomes[record["status"]] += 1
                 if record["status"] == "failed":
-                    failures_out.writerow({**record, "last_worker": f"{record.get('host', '')}:{record.get('pid', '')}"})
+                    worker = f"{record.get('host', '')}:{record.get('pid', '')}"
+                    failures_out.writerow({**record, "last_worker": worker})
                     reasons[_reason_kind(record.get("reason", ""))] += 1
                     continue
                 for row in record.get("rows", []) if record["status"] == "done" else []:

@@ -4,9 +4,10 @@ A study's file is written (atomically) by the driver only once its outcome is fi
 stored (STOW-RS answered, or the results folder published) and measurements in hand, or the
 study failed for good. ``--resume`` skips every study with a file: its results exist
 (``done``), it had nothing to analyse (``no_suitable_series``), or it failed for good after its
-retries (``failed``: listed in the failure summary; ``--retry-failed`` analyses those again). Since the pipeline's output UIDs are
-derived from the inputs (:func:`paraspinal.dicom_outputs.stable_uid`), analysing a study twice
-stores the same SOP instances again: resuming after a crash of the driver is idempotent.
+retries (``failed``: listed in the failure summary; ``--retry-failed`` analyses those again).
+Since the pipeline's output UIDs are derived from the inputs
+(:func:`paraspinal.dicom_outputs.stable_uid`), analysing a study twice stores the same SOP
+instances again: resuming after a crash of the driver is idempotent.
 
 Files are spread over 256 sub-folders by a hash of the UID, so no folder gets huge at 100,000
 studies; nothing is held in memory.
