@@ -7,6 +7,7 @@
 #   make model  - leave-one-subject-out folds, QC validation, the shipped bundle and its card
 # and the benchmarks (figures, not pass/fail; about 15 min on 2 cores):
 #   make bench  - latency, inference, ingest, concurrency, memory -> benchmarks/results/latest.{json,md}
+#   make bench-reanalyse - archive re-analysis on a local Ray, 1 and 2 workers, and a 100,000-study plan (about 6 min)
 # and the real-viewer check (OHIF 3.13.2 on Orthanc DICOMweb in headless chromium; about 4 min):
 #   make test-viewer  - SEG, SR and PDF as OHIF shows them; screenshots in build/viewer/
 #   make screenshots  - the same, then the README's docs/screenshots/*.png
@@ -24,7 +25,7 @@ RUN := ulimit -s 32768 2>/dev/null || true;
 SOAK_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: demo test soak bench venv clean-demo model test-viewer screenshots
+.PHONY: demo test soak bench bench-reanalyse venv clean-demo model test-viewer screenshots
 
 venv: $(STAMP)
 
@@ -63,6 +64,9 @@ soak: venv
 # e.g. make bench BENCH_ARGS="--suites e2e,ingest --repeats 5" (README "Performance")
 bench: venv
 	$(RUN) $(PY) -m benchmarks $(BENCH_ARGS)
+
+bench-reanalyse: venv
+	$(RUN) $(PY) -m benchmarks.reanalyse $(REANALYSE_BENCH_ARGS)
 
 model: venv
 	PY=$(PY) bash training/reproduce_model.sh

@@ -1,10 +1,11 @@
-"""Command line: ``python -m app run|serve|status|demo``.
+"""Command line: ``python -m app run|serve|status|demo|reanalyse``.
 
 ``run`` follows the MAP contract: ``-i/-o/-m`` or ``HOLOSCAN_INPUT_PATH``,
 ``HOLOSCAN_OUTPUT_PATH`` and ``HOLOSCAN_MODEL_PATH``.
 ``serve`` runs the DICOM node configured by the ``node:`` section; ``status`` reads its
 state database; ``model list|promote|rollback`` shows or switches the model version the node
-uses (``learning.models_dir``); ``demo`` runs archive, node and a synthetic study end to end.
+uses (``learning.models_dir``); ``demo`` runs archive, node and a synthetic study end to end;
+``reanalyse`` re-analyses an archive (QIDO-RS query, study list or folder) on Ray (:mod:`app.reanalyse.cli`).
 """
 
 from __future__ import annotations
@@ -193,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic study")
     demo.add_argument("--timeout", type=float, default=900.0, help="give up after this long, s")
     demo.set_defaults(func=cmd_demo)
+    from app.reanalyse.cli import add_parser as add_reanalyse
+
+    add_reanalyse(sub)
     return parser
 
 

@@ -66,12 +66,84 @@ class QuantificationSettings:
 @dataclass(frozen=True)
 class PeerAddress:
     """A DICOM application entity reachable over TCP (``tls``: associate over DICOM TLS,
-    with the node's certificate as client certificate)."""
+    with the node's certificate as client certificate). As a destination: ``kind: dimse``
+    (the default), results go by C-STORE."""
 
     ae_title: str
     host: str
     port: int = 104
     tls: bool = False
+    kind: str = "dimse"
+
+    def __post_init__(self) -> None:
+        if self.kind != "dimse":
+            raise ConfigError(f"destination {self.ae_title!r}: kind {self.kind!r} is not dimse or dicomweb")
+
+    @property
+    def outbox_key(self) -> str:
+        """How the outbox names this destination: ``AE@host:port``."""
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+DICOMWEB_KEY_PREFIX = "dicomweb:"
+
+
+@dataclass(frozen=True)
+class DicomwebDestination:
+    """A DICOMweb service results are stored to by STOW-RS (``kind: dicomweb``).
+
+    Attributes:
+        url: the service root, e.g. ``https://pacs.example.org/dicom-web`` (``/studies`` is appended).
+        auth_header_file: a file holding one HTTP header line sent with every request, e.g.
+            ``Authorization: Basic ...`` or ``Authorization: Bearer ...`` (read at each send, so a
+            rotated credential is picked up without a restart).
+        token_file: a file holding a bearer token; sent as ``Authorization: Bearer <token>``.
+        ca_bundle: PEM file of the CAs that sign the service's HTTPS certificate (empty: the
+            system's trust store).
+        timeout_s: connect and read timeout of one request, s.
+    """
+
+    url: str
+    auth_header_file: Path | None = None
+    token_file: Path | None = None
+    ca_bundle: Path | None = None
+    timeout_s: float = 60.0
+    kind: str = "dicomweb"
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise ConfigError(f"dicomweb destination: url {self.url!r} is not http:// or https://")
+        if self.auth_header_file and self.token_file:
+            raise ConfigError(f"dicomweb destination {self.url}: give auth_header_file or token_file, not both")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"dicomweb destination {self.url}: timeout_s must be > 0")
+
+    @property
+    def outbox_key(self) -> str:
+        """How the outbox names this destination: ``dicomweb:<url>``."""
+        return DICOMWEB_KEY_PREFIX + self.url.rstrip("/")
+
+
+Destination = PeerAddress | DicomwebDestination
+
+
+def destination_from_mapping(values: Mapping[str, Any], base_dir: Path) -> Destination:
+    """One ``destinations`` entry: ``kind: dicomweb`` (STOW-RS) or ``kind: dimse`` / no kind (C-STORE).
+    Relative file paths resolve against ``base_dir``."""
+    values = dict(values)
+    kind = str(values.get("kind", "dimse"))
+    if kind != "dicomweb":
+        return PeerAddress(**values)
+    for name in ("auth_header_file", "token_file", "ca_bundle"):
+        value = values.get(name)
+        if value in (None, ""):
+            values[name] = None
+        else:
+            path = Path(str(value))
+            values[name] = path if path.is_absolute() else base_dir / path
+    if "timeout_s" in values:
+        values["timeout_s"] = float(values["timeout_s"])
+    return DicomwebDestination(**values)
 
 
 @dataclass(frozen=True)
@@ -110,7 +182,7 @@ class NodeSettings:
     failed_dir: Path
     workers: int
     min_free_disk_mb: int
-    destinations: tuple[PeerAddress, ...]
+    destinations: tuple[Destination, ...]
     send_retries: int
     send_backoff_s: float
     send_backoff_max_s: float
@@ -141,8 +213,8 @@ class NodeSettings:
         if self.tls_enabled and self.tls_require_client_certificate and not self.tls_ca_certificates:
             raise ConfigError("[node] tls_require_client_certificate needs tls_ca_certificates (the CAs that "
                               "sign the peers' certificates)")
-        if any(d.tls for d in self.destinations) and not (self.tls_certificate and self.tls_private_key
-                                                          and self.tls_ca_certificates):
+        tls_destination = any(getattr(d, "tls", False) for d in self.destinations)
+        if tls_destination and not (self.tls_certificate and self.tls_private_key and self.tls_ca_certificates):
             raise ConfigError("[node] a destination with tls: true needs tls_certificate, tls_private_key and "
                               "tls_ca_certificates")
 
@@ -253,8 +325,8 @@ def _build(cls: type, section: str, values: Mapping[str, Any], base_dir: Path) -
                     raise ValueError(f"{value!r} is not a boolean")
             elif annotation.startswith("tuple[str"):
                 kwargs[name] = tuple(str(v) for v in (value or []))
-            elif annotation == "tuple[PeerAddress, ...]":
-                kwargs[name] = tuple(PeerAddress(**dict(v)) for v in (value or []))
+            elif annotation == "tuple[Destination, ...]":
+                kwargs[name] = tuple(destination_from_mapping(v, base_dir) for v in (value or []))
             elif annotation == "tuple[AllowedPeer, ...]":
                 kwargs[name] = tuple(AllowedPeer(**dict(v)) for v in (value or []))
             elif annotation == "int":

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -209,3 +210,89 @@ def start_node(workdir: Path, model_path: Path, timeout_s: float = 120.0, sectio
     peer = Peer("node", process, site["node"]["ae_title"], port, workdir, log_path, handle)
     allowed = site["node"]["allowed_peers"]
     return _started(peer, timeout_s, allowed[0]["ae_title"] if allowed else "ECHOSCU")
+
+
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def start_dicomweb_archive(workdir: Path, http_port: int | None = None, users: dict[str, str] | None = None,
+                           timeout_s: float = 60.0) -> Orthanc:
+    """Orthanc with its DICOMweb plugin at ``/dicom-web/`` on loopback (``http_port``, else a free
+    one), storage under ``workdir`` (a restart on the same folder keeps what it holds). ``users``:
+    HTTP basic-auth users (name -> password); then every request needs one. No DICOM peers."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    dicom_port, http_port = free_tcp_port(), http_port or free_tcp_port()
+    config = {
+        "Name": "dicomweb-archive",
+        "StorageDirectory": str(workdir / "storage"), "IndexDirectory": str(workdir / "index"),
+        "DicomAet": "ORTHANC", "DicomPort": dicom_port, "HttpPort": http_port,
+        "RemoteAccessAllowed": False, "AuthenticationEnabled": bool(users), "RegisteredUsers": users or {},
+        "DicomAlwaysAllowStore": False, "DicomAlwaysAllowEcho": False,
+        "Plugins": [str(DICOMWEB_PLUGIN)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False, "Ssl": False,
+                     "StudiesMetadata": "MainDicomTags", "SeriesMetadata": "MainDicomTags"},
+        "SaveJobs": False, "StableAge": 1,
+    }
+    config_path = workdir / "orthanc.json"
+    config_path.write_text(json.dumps(config, indent=2))
+    process, log_path, handle = _spawn("orthanc", ["Orthanc", str(config_path)], workdir)
+    orthanc = Orthanc("orthanc", process, "ORTHANC", dicom_port, workdir, log_path, handle, http_port=http_port)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and orthanc.alive():
+        try:
+            with socket.create_connection((HOST, http_port), timeout=1.0):
+                return orthanc
+        except OSError:
+            time.sleep(0.2)
+    orthanc.stop()
+    raise RuntimeError(f"Orthanc with DICOMweb did not start within {timeout_s} s; log:\n{orthanc.log_text()[-3000:]}")
+
+
+@dataclass
+class RayHead:
+    """A Ray head node (``ray start --head --block``) in its own process group; ``env`` holds what a
+    driver needs to join it (the cluster's auth token) and ``address`` where."""
+
+    process: subprocess.Popen
+    address: str
+    env: dict[str, str]
+    log_path: Path
+    _log: IO = field(repr=False)
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """End the head and every process it started (its process group: GCS, raylet, workers)."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.process.wait(timeout=timeout_s)
+                time.sleep(0.5)  # the group's other members end after their parent
+            except subprocess.TimeoutExpired:
+                continue
+        self._log.close()
+
+
+def start_ray_head(workdir: Path, num_cpus: int = 2, timeout_s: float = 90.0) -> RayHead:
+    """A local Ray cluster of one node with ``num_cpus`` CPUs, no dashboard, a small object store and
+    a token of its own (Ray 2.60 enables token authentication); joined with ``--address``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_tcp_port()
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(16).hex(), "RAY_USAGE_STATS_ENABLED": "0",
+           "PYTHONPATH": str(PROJECT_ROOT)}
+    ray = str(Path(sys.executable).with_name("ray"))
+    process, log_path, handle = _spawn("ray-head", [
+        ray, "start", "--head", "--block", "--port", str(port), "--num-cpus", str(num_cpus),
+        "--include-dashboard", "false", "--object-store-memory", str(150 * 1024 * 1024), "--disable-usage-stats"],
+        workdir, env=env)
+    head = RayHead(process, f"127.0.0.1:{port}", env, log_path, handle)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        handle.flush()
+        if "Ray runtime started" in log_path.read_text(errors="replace"):
+            return head
+        time.sleep(0.5)
+    head.stop()
+    raise RuntimeError(f"ray start --head did not start within {timeout_s} s; log:\n"
+                       f"{log_path.read_text(errors='replace')[-3000:]}")

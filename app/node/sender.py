@@ -1,4 +1,9 @@
-"""The sender: results go to each configured destination by C-STORE (pynetdicom SCU).
+"""The sender: results go to each configured destination by C-STORE (pynetdicom SCU) or,
+for a ``kind: dicomweb`` destination, by STOW-RS (:mod:`app.dicomweb`).
+
+Both kinds share one outbox and one policy: the outcome of a STOW-RS request is recorded per
+object exactly like a C-STORE's (the per-instance status of the STOW-RS response, or the
+HTTP/connection error), so retries, backoff, dead letters and the audit trail are the same.
 
 Each round takes the outbox items that are due, opens one association per destination,
 sends each object and records the outcome per object. A failed attempt (association
@@ -20,10 +25,10 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from app.config import NodeSettings
+from app.config import DICOMWEB_KEY_PREFIX, DicomwebDestination, NodeSettings
 from app.node.audit import AuditLog
 from app.node.logs import log_event, uid_hash
-from app.node.state import OutboxItem, StateStore, destination_key, parse_destination_key
+from app.node.state import OutboxItem, StateStore, parse_destination_key
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +120,9 @@ class Sender:
         self.settings = settings
         self.state = state
         self.audit = audit or AuditLog(None)
-        self._tls = {destination_key(d.ae_title, d.host, d.port) for d in settings.destinations if d.tls}
+        self._tls = {d.outbox_key for d in settings.destinations if getattr(d, "tls", False)}
         self._tls_context: ssl.SSLContext | None = None
+        self._dicomweb = {d.outbox_key: d for d in settings.destinations if isinstance(d, DicomwebDestination)}
 
     def _context_for(self, destination: str) -> ssl.SSLContext | None:
         if destination not in self._tls:
@@ -147,7 +153,6 @@ class Sender:
 
     def _send_batch(self, destination: str, batch: list[OutboxItem]) -> None:
         s = self.settings
-        ae_title, host, port = parse_destination_key(destination)
         sendable = []
         for item in batch:
             if self._current(item):
@@ -156,6 +161,10 @@ class Sender:
                 self._record(item, destination, None, "result file missing or replaced by a newer analysis")
         if not sendable:
             return
+        if destination.startswith(DICOMWEB_KEY_PREFIX):
+            self._send_dicomweb(destination, sendable)
+            return
+        ae_title, host, port = parse_destination_key(destination)
         try:
             tls_context = self._context_for(destination)
         except (OSError, ssl.SSLError) as exc:  # certificate files missing or unreadable
@@ -165,6 +174,19 @@ class Sender:
         outcomes = store_files([item.path for item in sendable], s.ae_title, ae_title, host, port,
                                s.acse_timeout_s, s.dimse_timeout_s, s.network_timeout_s, tls_context)
         for item, (_, status, note) in zip(sendable, outcomes):
+            self._record(item, destination, status, note)
+
+    def _send_dicomweb(self, destination: str, sendable: list[OutboxItem]) -> None:
+        """STOW-RS the items; a destination no longer configured fails them (and so, in time,
+        dead-letters them) rather than guessing its credentials."""
+        service = self._dicomweb.get(destination)
+        if service is None:
+            for item in sendable:
+                self._record(item, destination, None, "DICOMweb destination no longer configured")
+            return
+        from app.dicomweb import stow_files
+
+        for item, (_, status, note) in zip(sendable, stow_files([item.path for item in sendable], service)):
             self._record(item, destination, status, note)
 
     def _record(self, item: OutboxItem, destination: str, status: int | None, note: str) -> None:

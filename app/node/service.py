@@ -133,7 +133,7 @@ class NodeService:
                                                                              for p in s.allowed_peers])
         log_event(log, logging.INFO, "node_started", ae_title=s.ae_title, port=self.listener.port,
                   quiet_period_s=s.quiet_period_s, workers=s.workers,
-                  destinations=",".join(f"{d.ae_title}@{d.host}:{d.port}" for d in s.destinations) or "none")
+                  destinations=",".join(d.outbox_key for d in s.destinations) or "none")
 
     def _remove_partial_folders(self) -> int:
         """Results and failed-study folders still named ``.incomplete-*`` were being written

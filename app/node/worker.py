@@ -42,7 +42,7 @@ import pydicom
 from app.config import Config, NodeSettings
 from app.node.logs import log_event, setup_logging
 from app.node.spool import Spool, atomic_write, ensure_dir, publish_dir
-from app.node.state import Claim, StateStore, destination_key
+from app.node.state import Claim, StateStore
 from paraspinal.model_registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -261,7 +261,7 @@ class Dispatcher:
         self._accepting = False
         self._load_error = ""  # the latest reason a worker could not load the pipeline and model
         self._published: tuple[int, str] | None = None  # (workers_ready, worker_error) last written
-        self.destinations = [destination_key(d.ae_title, d.host, d.port) for d in settings.destinations]
+        self.destinations = [d.outbox_key for d in settings.destinations]
         #: the model versions: each study is analysed with the version active when it is claimed,
         #: so a promotion or rollback takes effect between studies without a restart.
         self.registry = registry
