@@ -203,3 +203,31 @@ def test_site_dataset_refuses_a_case_beyond_its_quota(site, tmp_path, capsys):
     assert site_main([*args, "--quota-mb", "0.01"]) == 2
     assert "quota" in capsys.readouterr().err and list_cases(tmp_path / "small") == []
     assert site_main(args) == 0 and len(list_cases(tmp_path / "small")) == 1
+
+
+def test_running_node_fine_tunes_by_itself_when_enough_corrections_wait_and_audits_it(site, tmp_path):
+    """The node's scheduler drives the runner: with ``finetune_after`` corrections in its site
+    dataset and no study waiting, ``python -m app serve`` starts a fine-tune, reaps it and audits both."""
+    from tests.peers import start_node
+
+    site_dir = tmp_path / "site"  # the four cases, without the earlier tests' fine-tune record
+    shutil.copytree(site["site"], site_dir, ignore=shutil.ignore_patterns("finetune_state.json"))
+    learning = {"site_dir": str(site_dir), "models_dir": str(tmp_path / "models"), "refused_dir": str(tmp_path / "refused"),
+                "finetune_after": 2, "finetune_iterations": 2, "finetune_batch_size": 2}
+    audit = tmp_path / "audit.jsonl"
+    node = start_node(tmp_path / "node", SHIPPED, workers=1, audit_log=str(audit), sections={"learning": learning})
+    try:
+        deadline = time.monotonic() + 300
+        finished: list[dict] = []
+        while not finished and time.monotonic() < deadline:
+            assert node.alive(), node.log_text()[-3000:]
+            finished = [e for e in read_audit(audit) if e["event"] == "finetune_finished"] if audit.is_file() else []
+            time.sleep(1.0)
+        assert finished, node.log_text()[-3000:]
+        assert finished[0]["exit_code"] == 0, (tmp_path / "models" / ".work" / "finetune.log").read_text()[-3000:]
+        started = [e for e in read_audit(audit) if e["event"] == "finetune_started"]
+        assert started and started[0]["site_cases"] == 4 and started[0]["new_cases"] == 4
+        state = json.loads((site_dir / "finetune_state.json").read_text())
+        assert state["cases_at_last_finetune"] == 4 and state["decision"] in ("promote", "refuse")
+    finally:
+        node.stop()
