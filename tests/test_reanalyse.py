@@ -267,3 +267,24 @@ def test_folder_and_list_sources_spool_one_line_per_study(tmp_path):
     assert spool_list(tmp_path / "list.txt", tmp_path / "list.tsv") == 2
     assert [i.study_uid for i in read_spool(tmp_path / "list.tsv")] == [s.study_uid for s in studies]
     assert all(i.folder == "" for i in read_spool(tmp_path / "list.tsv"))
+
+
+def test_folder_source_with_folder_results_publishes_each_study_and_its_cohort_rows(first_run, tmp_path):
+    """The research path without an archive: studies in a folder, results to a folder."""
+    studies = [_small_study(tmp_path / "exports" / f"p{seed}", seed) for seed in (201, 202)]
+    workdir, results = tmp_path / "run", tmp_path / "results"
+    head = first_run["head"]
+    run = subprocess.run(
+        [sys.executable, "-m", "app", "reanalyse", "--folder", str(tmp_path / "exports"), "--output-folder",
+         str(results), "--workdir", str(workdir), "--address", head.address, "--workers", "1", "--model", str(MODEL),
+         "--no-progress"],
+        cwd=PROJECT_ROOT, env={**os.environ, **head.env}, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert run.returncode == 0, _log(run)
+    records = _records(workdir)
+    assert {uid for uid, r in records.items() if r["status"] == "done"} == {s.study_uid for s in studies}
+    for study in studies:
+        published = {pydicom.dcmread(p, stop_before_pixels=True).Modality for p in (results / study.study_uid).rglob("*.dcm")}
+        assert {"SEG", "SR"} <= published, (study.study_uid, published)
+    with open(workdir / "cohort.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["study_instance_uid"] for r in rows} == {s.study_uid for s in studies}
