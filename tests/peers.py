@@ -215,6 +215,19 @@ def start_node(workdir: Path, model_path: Path, timeout_s: float = 120.0, sectio
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 
+def model_under_test() -> Path | None:
+    """The bundle the tests run: ``$PARASPINAL_TEST_MODEL`` or the shipped one; None when neither loads."""
+    from app.config import DEFAULT_MODEL_PATH
+    from paraspinal.model_bundle import BundleError, find_bundle
+
+    for candidate in filter(None, [os.environ.get("PARASPINAL_TEST_MODEL"), DEFAULT_MODEL_PATH]):
+        try:
+            return find_bundle(Path(candidate))
+        except BundleError:
+            continue
+    return None
+
+
 def start_dicomweb_archive(workdir: Path, http_port: int | None = None, users: dict[str, str] | None = None,
                            timeout_s: float = 60.0) -> Orthanc:
     """Orthanc with its DICOMweb plugin at ``/dicom-web/`` on loopback (``http_port``, else a free

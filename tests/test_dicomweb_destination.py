@@ -17,30 +17,20 @@ from pathlib import Path
 import pytest
 import requests
 
-from app.config import DEFAULT_MODEL_PATH, DicomwebDestination, ConfigError, load_config
+from app.config import DicomwebDestination, ConfigError, load_config
 from app.dicomweb import make_client
 from app.node.net import free_tcp_port
 from app.node.sender import store_files
 from app.node.state import StateStore
-from paraspinal.model_bundle import BundleError, find_bundle
 from paraspinal.synthetic_study import make_synthetic_study
-from tests.peers import DICOMWEB_PLUGIN, HOST, start_dicomweb_archive, start_node, tool_available
+from tests.peers import model_under_test, DICOMWEB_PLUGIN, HOST, start_dicomweb_archive, start_node, tool_available
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 USER, PASSWORD = "node", "s3cret-for-tests"
 
 
-def _model() -> Path | None:
-    for candidate in filter(None, [os.environ.get("PARASPINAL_TEST_MODEL"), DEFAULT_MODEL_PATH]):
-        try:
-            return find_bundle(Path(candidate))
-        except BundleError:
-            continue
-    return None
-
-
-MODEL = _model()
+MODEL = model_under_test()
 needs_peers = [
     pytest.mark.skipif(MODEL is None, reason="no model bundle"),
     pytest.mark.skipif(not (tool_available("Orthanc") and DICOMWEB_PLUGIN.is_file()),

@@ -21,12 +21,11 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from app.config import DEFAULT_MODEL_PATH, PROJECT_ROOT, DicomwebDestination
+from app.config import PROJECT_ROOT, DicomwebDestination
 from app.dicomweb import make_client
-from paraspinal.model_bundle import BundleError, find_bundle
 from paraspinal.nifti_to_dicom import DEFAULT_REAL_DATA_DIR, real_case_series
 from paraspinal.synthetic_study import make_synthetic_study
-from tests.peers import DICOMWEB_PLUGIN, start_dicomweb_archive, start_ray_head, tool_available
+from tests.peers import model_under_test, DICOMWEB_PLUGIN, start_dicomweb_archive, start_ray_head, tool_available
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -34,16 +33,7 @@ N_SYNTHETIC = 20
 RUN_TIMEOUT_S = 600
 
 
-def _model() -> Path | None:
-    for candidate in filter(None, [os.environ.get("PARASPINAL_TEST_MODEL"), DEFAULT_MODEL_PATH]):
-        try:
-            return find_bundle(Path(candidate))
-        except BundleError:
-            continue
-    return None
-
-
-MODEL = _model()
+MODEL = model_under_test()
 pytestmark = [
     pytest.mark.skipif(MODEL is None, reason="no model bundle"),
     pytest.mark.skipif(not (tool_available("Orthanc") and DICOMWEB_PLUGIN.is_file()),

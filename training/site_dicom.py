@@ -23,9 +23,8 @@ from typing import Mapping, Sequence
 
 import highdicom as hd
 import numpy as np
-import pydicom
-from pydicom.pixels import apply_modality_lut
 
+from paraspinal.corrections import CorrectionRefused, read_source_series
 from paraspinal.preprocessing import lps_affine_to_ras
 from training.data import CaseError, LoadedCase, remap_labels
 from training.labels import ALL_CLASSES
@@ -47,36 +46,13 @@ def label_from_text(text: str) -> int | None:
 
 
 def read_series(series_dir: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(I, J, K) float32 volume, RAS affine and SOP Instance UIDs in slice order."""
-    datasets = []
-    for path in sorted(p for p in Path(series_dir).rglob("*") if p.is_file()):
-        try:
-            ds = pydicom.dcmread(str(path))
-        except pydicom.errors.InvalidDicomError:
-            continue
-        if "PixelData" in ds and "ImagePositionPatient" in ds:
-            datasets.append(ds)
-    if not datasets:
-        raise CaseError(f"{series_dir}: no DICOM images with geometry")
-    if len({ds.SeriesInstanceUID for ds in datasets}) != 1:
-        raise CaseError(f"{series_dir}: more than one series")
-    iop = np.asarray(datasets[0].ImageOrientationPatient, dtype=np.float64)
-    row_dir, col_dir = iop[:3], iop[3:]
-    normal = np.cross(row_dir, col_dir)
-    datasets.sort(key=lambda ds: float(np.dot(np.asarray(ds.ImagePositionPatient, dtype=np.float64), normal)))
-    positions = np.array([np.asarray(ds.ImagePositionPatient, dtype=np.float64) for ds in datasets])
-    row_spacing, col_spacing = (float(v) for v in datasets[0].PixelSpacing)
-    steps = np.diff(positions, axis=0)
-    step = steps.mean(axis=0) if len(steps) else normal * float(datasets[0].get("SliceThickness", 1.0))
-    if len(steps) and not np.allclose(steps, step, atol=1e-2):
-        raise CaseError(f"{series_dir}: slices are not evenly spaced (several stacks?)")
-    affine_lps = np.eye(4)
-    affine_lps[:3, 0] = row_dir * col_spacing  # voxel axis i = column index, along the row direction
-    affine_lps[:3, 1] = col_dir * row_spacing  # voxel axis j = row index
-    affine_lps[:3, 2] = step
-    affine_lps[:3, 3] = positions[0]
-    pixels = np.stack([apply_modality_lut(ds.pixel_array, ds).astype(np.float32) for ds in datasets])
-    return pixels.transpose(2, 1, 0).copy(), lps_affine_to_ras(affine_lps), [ds.SOPInstanceUID for ds in datasets]
+    """(I, J, K) float32 volume, RAS affine and SOP Instance UIDs in slice order (the node's own
+    reader of a correction's source series, :func:`paraspinal.corrections.read_source_series`)."""
+    try:
+        source = read_source_series([p for p in Path(series_dir).rglob("*") if p.is_file()])
+    except CorrectionRefused as exc:
+        raise CaseError(f"{series_dir}: {exc}") from exc
+    return source.image, lps_affine_to_ras(source.affine_lps), list(source.sop_uids)
 
 
 def dicom_seg_case(case_id: str, series_dir: Path, seg_path: Path, label_map: Mapping[int, int] | None = None,
