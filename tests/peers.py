@@ -229,10 +229,11 @@ def model_under_test() -> Path | None:
 
 
 def start_dicomweb_archive(workdir: Path, http_port: int | None = None, users: dict[str, str] | None = None,
-                           timeout_s: float = 60.0) -> Orthanc:
+                           timeout_s: float = 60.0, viewer: bool = False) -> Orthanc:
     """Orthanc with its DICOMweb plugin at ``/dicom-web/`` on loopback (``http_port``, else a free
     one), storage under ``workdir`` (a restart on the same folder keeps what it holds). ``users``:
-    HTTP basic-auth users (name -> password); then every request needs one. No DICOM peers."""
+    HTTP basic-auth users (name -> password); then every request needs one. No DICOM peers.
+    ``viewer``: full study and series metadata and WADO-URI, as a web viewer (OHIF) reads them."""
     workdir.mkdir(parents=True, exist_ok=True)
     dicom_port, http_port = free_tcp_port(), http_port or free_tcp_port()
     config = {
@@ -242,8 +243,9 @@ def start_dicomweb_archive(workdir: Path, http_port: int | None = None, users: d
         "RemoteAccessAllowed": False, "AuthenticationEnabled": bool(users), "RegisteredUsers": users or {},
         "DicomAlwaysAllowStore": False, "DicomAlwaysAllowEcho": False,
         "Plugins": [str(DICOMWEB_PLUGIN)],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False, "Ssl": False,
-                     "StudiesMetadata": "MainDicomTags", "SeriesMetadata": "MainDicomTags"},
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": viewer, "WadoRoot": "/wado", "Ssl": False,
+                     "StudiesMetadata": "Full" if viewer else "MainDicomTags",
+                     "SeriesMetadata": "Full" if viewer else "MainDicomTags"},
         "SaveJobs": False, "StableAge": 1,
     }
     config_path = workdir / "orthanc.json"

@@ -14,51 +14,23 @@ import http.server
 import json
 import os
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from app.node.net import free_tcp_port
-from peers import HOST, PROJECT_ROOT, Orthanc, _spawn
+from peers import HOST, PROJECT_ROOT, Orthanc, start_dicomweb_archive
 
 OHIF_DIST = PROJECT_ROOT / "tests" / "viewer" / "node_modules" / "@ohif" / "app" / "dist"
-DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 def start_orthanc_dicomweb(workdir: Path, timeout_s: float = 60.0) -> Orthanc:
-    """Orthanc on free loopback ports with the DICOMweb plugin at ``/dicom-web/``; no DICOM peers
-    (the tests upload over REST)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    dicom_port, http_port = free_tcp_port(), free_tcp_port()
-    config = {
-        "Name": "viewer-test-orthanc",
-        "StorageDirectory": str(workdir / "storage"),
-        "IndexDirectory": str(workdir / "index"),
-        "DicomAet": "ORTHANC", "DicomPort": dicom_port, "HttpPort": http_port,
-        "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-        "DicomAlwaysAllowStore": False, "DicomAlwaysAllowEcho": False,
-        "Plugins": [str(DICOMWEB_PLUGIN)],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "WadoRoot": "/wado",
-                     "Ssl": False, "StudiesMetadata": "Full", "SeriesMetadata": "Full"},
-        "SaveJobs": False,
-    }
-    config_path = workdir / "orthanc.json"
-    config_path.write_text(json.dumps(config, indent=2))
-    process, log_path, handle = _spawn("orthanc", ["Orthanc", str(config_path)], workdir)
-    orthanc = Orthanc("orthanc", process, "ORTHANC", dicom_port, workdir, log_path, handle, http_port=http_port)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and orthanc.alive():
-        try:
-            orthanc.rest("GET", "/dicom-web/studies", timeout_s=2.0)
-            return orthanc
-        except (urllib.error.URLError, ConnectionError, OSError):
-            time.sleep(0.2)
-    orthanc.stop()
-    raise RuntimeError(f"Orthanc with DICOMweb did not start within {timeout_s} s; log:\n{orthanc.log_text()[-3000:]}")
+    """Orthanc on free loopback ports with the DICOMweb plugin at ``/dicom-web/`` as OHIF reads it
+    (full metadata, WADO-URI); no DICOM peers (the tests upload over REST)."""
+    return start_dicomweb_archive(workdir, timeout_s=timeout_s, viewer=True)
 
 
 def app_config(dicomweb_root: str = "/dicom-web") -> str:
