@@ -76,6 +76,9 @@ class PreprocessingSpec:
         overlap: overlap of neighbouring windows (0..1).
         blend_mode: ``"gaussian"`` or ``"constant"`` blending of overlapping windows.
         sw_batch_size: windows per forward pass.
+        context_slices: neighbour slices on each side given to the network as extra input
+            channels (2.5D input: channels k-n .. k+n along voxel axis 2 of the model space,
+            the edge slice repeated past the ends); 0: one slice, one channel.
     """
 
     orientation: str
@@ -85,6 +88,12 @@ class PreprocessingSpec:
     overlap: float
     blend_mode: str
     sw_batch_size: int
+    context_slices: int = 0
+
+    @property
+    def in_channels(self) -> int:
+        """Input channels of the network (1 + 2 x context_slices)."""
+        return 1 + 2 * self.context_slices
 
 
 @dataclass(frozen=True)
@@ -205,9 +214,12 @@ def _parse_preprocessing(metadata: dict[str, Any]) -> PreprocessingSpec:
             overlap=float(pre.get("overlap", 0.25)),
             blend_mode=str(pre.get("blend_mode", "gaussian")),
             sw_batch_size=int(pre.get("sw_batch_size", 16)),
+            context_slices=int(pre.get("context_slices", 0)),
         )
     except (KeyError, IndexError, TypeError, ValueError) as exc:
         raise BundleError(f"bundle metadata: bad or missing preprocessing entry ({exc!r})") from exc
+    if not 0 <= spec.context_slices <= 3:
+        raise BundleError(f"bundle metadata: context_slices must be 0..3, got {spec.context_slices}")
     if spec.intensity != "zscore_nonzero":
         raise BundleError(f"bundle metadata: unsupported intensity normalisation {spec.intensity!r}")
     if len(spec.orientation) != 3:

@@ -53,3 +53,22 @@ def model_space_transforms(spec: PreprocessingSpec, keys: tuple[str, ...] = ("im
             NormalizeIntensityd(keys=keys, nonzero=True, channel_wise=True),
         ]
     )
+
+
+def with_neighbour_slices(volume: torch.Tensor, context_slices: int) -> torch.Tensor:
+    """2.5D input: (1, I, J, K) -> (1 + 2n, I, J, K), channel c holding slice k + c - n.
+
+    Slices run along voxel axis 2 of the model space (inferior -> superior in RAS). Past
+    either end the edge slice is repeated, so the first and last slices see themselves as
+    their missing neighbour rather than an empty image the network never saw in training.
+    Metadata (affine, applied operations) is kept when ``volume`` is a MetaTensor.
+    """
+    if context_slices <= 0:
+        return volume
+    if volume.shape[0] != 1:
+        raise ValueError(f"expected one channel, got {volume.shape[0]}")
+    k = volume.shape[-1]
+    index = torch.arange(k)
+    channels = [volume[0][..., (index + offset).clamp(0, k - 1)]
+                for offset in range(-context_slices, context_slices + 1)]
+    return torch.stack(channels, dim=0)

@@ -32,7 +32,8 @@ from scipy import ndimage
 
 from paraspinal.model_bundle import ModelBundle
 from paraspinal.postprocess import postprocess_labels
-from paraspinal.preprocessing import as_metatensor, lps_affine_to_ras, model_space_transforms
+from paraspinal.preprocessing import (as_metatensor, lps_affine_to_ras, model_space_transforms,
+                                      with_neighbour_slices)
 from paraspinal.stacks import StackVolume
 
 
@@ -59,7 +60,7 @@ class _SliceNetwork(torch.nn.Module):
         super().__init__()
         self.network = network
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, H, W, 1) -> (B, C, H, W, 1)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, H, W, 1) -> (B, C, H, W, 1)
         return self.network(x[..., 0]).unsqueeze(-1)
 
 
@@ -143,7 +144,8 @@ def infer_with_uncertainty(model_input: ModelInput, bundle: ModelBundle) -> tupl
     )
     network = _SliceNetwork(bundle.network)
     with bundle.lock, torch.inference_mode():
-        batch = image.as_tensor()[None].to(bundle.device)
+        # 2.5D bundles see the neighbour slices as channels; the window stays one slice deep.
+        batch = with_neighbour_slices(image.as_tensor(), spec.context_slices)[None].to(bundle.device)
         plain = torch.softmax(inferer(batch, network).float(), dim=1)[0].cpu()
         mirrored = None
         if bundle.test_time_mirror:

@@ -276,6 +276,78 @@ def test_evaluation_inference_returns_probabilities_on_the_source_grid(tiny_bund
     assert all(len(v) == 3 for v in uncertainty.entropy.values())
 
 
+def test_neighbour_slices_become_channels_in_slice_order_with_the_edges_repeated():
+    from paraspinal.preprocessing import with_neighbour_slices
+
+    volume = torch.arange(4.0).reshape(1, 1, 1, 4)  # slice k holds the value k
+    stacked = with_neighbour_slices(volume, 1)
+    assert stacked.shape == (3, 1, 1, 4)
+    assert stacked[:, 0, 0, :].tolist() == [[0, 0, 1, 2], [0, 1, 2, 3], [1, 2, 3, 3]]
+    assert with_neighbour_slices(volume, 0) is volume
+
+
+@pytest.fixture(scope="module")
+def tiny_2_5d_bundle(tmp_path_factory) -> Path:
+    if not HAS_REAL:
+        pytest.skip("shared real fixtures not present")
+    from training.train import main
+
+    root = tmp_path_factory.mktemp("tiny25d")
+    rc = main(["--out", str(root / "run"), "--cases", "musclemap_sub0001", "--holdout", "myosegmentum_tum01",
+               "--iterations", "3", "--checkpoint-every", "3", "--context-slices", "1", *TINY,
+               "--export", str(root / "bundle")])
+    assert rc == 0
+    return root / "bundle"
+
+
+def test_2_5d_training_slices_carry_the_neighbours_around_the_centre_slice():
+    case = real_cases()["musclemap_sub0001"].load()
+    from dataclasses import replace
+
+    from training.data import MODEL_SPEC
+
+    flat = case_slices(case).items
+    deep = case_slices(case, replace(MODEL_SPEC, context_slices=1)).items
+    assert [i["slice"] for i in flat] == [i["slice"] for i in deep]
+    by_slice = {i["slice"]: i["image"] for i in flat}
+    for item in deep:
+        k = item["slice"]
+        assert item["image"].shape[0] == 3
+        assert torch.equal(item["image"][1], by_slice[k][0])
+        if k - 1 in by_slice:
+            assert torch.equal(item["image"][0], by_slice[k - 1][0])
+
+
+def test_2_5d_bundle_declares_its_input_and_the_application_feeds_it_the_neighbour_slices(
+        tiny_2_5d_bundle: Path, tiny_bundle: Path):
+    from training.evaluate import predict_probabilities
+
+    bundle = load_bundle(tiny_2_5d_bundle, "cpu")
+    assert bundle.preprocessing.context_slices == 1 and bundle.preprocessing.in_channels == 3
+    meta = bundle.metadata
+    assert meta["network_def"]["in_channels"] == 3
+    assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == 3
+    rng = np.random.default_rng(2)
+    # 1 mm in-plane: the model space is the source grid flipped, so values stay exact
+    affine = np.array([[-1.0, 0, 0, 100], [0, -1.0, 0, 90], [0, 0, 4.5, -20], [0, 0, 0, 1.0]])
+    image = rng.uniform(100, 500, (70, 60, 3)).astype(np.float32)
+    changed = image.copy()
+    # The slice below slice 1, shuffled: same values, so the same volume z-score, another image.
+    changed[..., 0] = rng.permutation(image[..., 0].ravel()).reshape(70, 60)
+    for path, sees_neighbours in ((tiny_2_5d_bundle, True), (tiny_bundle, False)):
+        loaded = load_bundle(path, "cpu")
+        a, _ = predict_probabilities(LoadedCase("a", image, None, affine, (0,), "toy"), loaded)
+        b, _ = predict_probabilities(LoadedCase("b", changed, None, affine, (0,), "toy"), loaded)
+        assert a.shape == (NUM_CLASSES, 70, 60, 3)
+        change_in_slice_1 = float(np.abs(a[..., 1] - b[..., 1]).max())
+        change_in_slice_2 = float(np.abs(a[..., 2] - b[..., 2]).max())  # slice 0 is no neighbour of it
+        assert change_in_slice_2 < 1e-4, path
+        if sees_neighbours:
+            assert change_in_slice_1 > 1e-3
+        else:
+            assert change_in_slice_1 < 1e-4
+
+
 # ------------------------------------------------------------------ 0.3.0 augmentations
 def _slice_item(with_dixon: bool) -> dict:
     rng = np.random.default_rng(3)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from paraspinal.model_bundle import PreprocessingSpec
-from paraspinal.preprocessing import as_metatensor, model_space_transforms
+from paraspinal.preprocessing import as_metatensor, model_space_transforms, with_neighbour_slices
 from paraspinal.nifti_to_dicom import DEFAULT_REAL_DATA_DIR
 from training.labels import ALL_CLASSES, NUM_CLASSES
 
@@ -317,7 +317,8 @@ class SliceSet:
 def case_slices(case: LoadedCase, spec: PreprocessingSpec = MODEL_SPEC, only_labelled: bool = True) -> SliceSet:
     """Axial 2D items ``vol[:, :, :, k]`` of a labelled case in model space.
 
-    Each item: ``image`` (1, I, J) float32 z-scored, ``label`` (1, I, J) int64 bundle
+    Each item: ``image`` (1 + 2n, I, J) float32 z-scored (n = ``spec.context_slices``: the
+    neighbour slices of a 2.5D model as extra channels, centre slice in the middle), ``label`` (1, I, J) int64 bundle
     labels, ``tissue`` (1, I, J) int64 (:func:`tissue_map`), the case's components (Dixon
     ``water``/``fat``, resampled, own units) when it has them, ``labelled`` (NUM_CLASSES,) float32 1/0 per class, ``pad_value`` (the volume
     minimum, the padding the application's inferer uses) and provenance keys.
@@ -330,10 +331,12 @@ def case_slices(case: LoadedCase, spec: PreprocessingSpec = MODEL_SPEC, only_lab
     image = data["image"].as_tensor().float()
     label = data["label"].as_tensor().round().to(torch.int64)
     tissue = torch.from_numpy(tissue_map(image.numpy(), label.numpy(), case.labelled_classes).astype(np.int64))
-    components = {name: data[name].as_tensor().float() for name in case.components}
+    components = {name: with_neighbour_slices(data[name].as_tensor().float(), spec.context_slices)
+                  for name in case.components}
+    pad_value = float(image.min())
+    image = with_neighbour_slices(image, spec.context_slices)  # (1 + 2n, I, J, K); 2D: unchanged
     labelled = torch.zeros(NUM_CLASSES, dtype=torch.float32)
     labelled[list(case.labelled_classes)] = 1.0
-    pad_value = float(image.min())
     items = []
     for k in range(image.shape[-1]):
         lab = label[..., k]

@@ -35,27 +35,31 @@ MAX_WEIGHTS_MB = 20.0
 README_RELPATH = Path("docs") / "README.md"
 
 
-def script_network(network: torch.nn.Module, roi: tuple[int, int]) -> torch.jit.ScriptModule:
+def script_network(network: torch.nn.Module, roi: tuple[int, int], in_channels: int = 1) -> torch.jit.ScriptModule:
     """TorchScript of ``network`` checked against eager output on a random window."""
     network = network.eval()
     scripted = torch.jit.script(network)
     with torch.no_grad():
-        x = torch.randn(2, 1, *roi, generator=torch.Generator().manual_seed(0))
+        x = torch.randn(2, in_channels, *roi, generator=torch.Generator().manual_seed(0))
         expected, got = network(x), scripted(x)
     if not torch.allclose(expected, got, atol=1e-4, rtol=1e-4):
         raise RuntimeError("TorchScript output differs from the eager network")
     return scripted
 
 
-def data_format() -> dict[str, Any]:
+def data_format(context_slices: int = 0) -> dict[str, Any]:
     """``network_data_format`` of the MONAI bundle spec (inputs.image, outputs.pred)."""
+    slice_text = "axial T2-weighted slice, RAS, 1x1 mm, z-scored over non-zero voxels"
+    channel_def = {str(c + context_slices): (slice_text if c == 0 else f"slice k{c:+d} (voxel axis 2), as channel "
+                                             f"{context_slices}; the edge slice repeated past the ends")
+                   for c in range(-context_slices, context_slices + 1)}
     return {
         "inputs": {
             "image": {
-                "type": "image", "format": "magnitude", "modality": "MR", "num_channels": 1,
+                "type": "image", "format": "magnitude", "modality": "MR", "num_channels": 1 + 2 * context_slices,
                 "spatial_shape": [MODEL_SPEC.roi_size[0], MODEL_SPEC.roi_size[1]], "dtype": "float32",
                 "value_range": [], "is_patch_data": True,
-                "channel_def": {"0": "axial T2-weighted slice, RAS, 1x1 mm, z-scored over non-zero voxels"},
+                "channel_def": channel_def,
             }
         },
         "outputs": {
@@ -69,8 +73,9 @@ def data_format() -> dict[str, Any]:
     }
 
 
-def preprocessing_entry() -> dict[str, Any]:
+def preprocessing_entry(context_slices: int = 0) -> dict[str, Any]:
     return {
+        "context_slices": int(context_slices),
         "orientation": MODEL_SPEC.orientation,
         "pixdim_mm": list(MODEL_SPEC.pixdim_mm),
         "intensity": MODEL_SPEC.intensity,
@@ -147,7 +152,12 @@ def write_bundle(network: torch.nn.Module, definition: dict[str, Any], out_dir: 
     Any earlier ``evaluation`` in the folder is dropped: it measured other weights.
     ``max_weights_mb`` guards the size of weights meant to be committed (None: no limit).
     """
-    scripted = script_network(network, MODEL_SPEC.roi_size)
+    # A 2.5D network (1 + 2n input channels) takes n neighbour slices on each side.
+    in_channels = int(definition.get("in_channels", 1))
+    if in_channels % 2 != 1:
+        raise ValueError(f"network in_channels must be odd (1 + 2 x context slices), got {in_channels}")
+    context_slices = (in_channels - 1) // 2
+    scripted = script_network(network, MODEL_SPEC.roi_size, in_channels)
     (out_dir / TORCHSCRIPT_RELPATH).parent.mkdir(parents=True, exist_ok=True)
     (out_dir / METADATA_RELPATH).parent.mkdir(parents=True, exist_ok=True)
     (out_dir / README_RELPATH).parent.mkdir(parents=True, exist_ok=True)
@@ -179,11 +189,13 @@ def write_bundle(network: torch.nn.Module, definition: dict[str, Any], out_dir: 
         "numpy_version": __import__("numpy").__version__,
         "task": "Lumbar paraspinal muscle segmentation (axial T2 MRI, 2D slices)",
         "data_type": "dicom/nifti",
-        "image_classes": "single-channel axial T2-weighted MR slice, z-scored",
+        "image_classes": ("single-channel axial T2-weighted MR slice, z-scored" if context_slices == 0 else
+                          f"axial T2-weighted MR slice with {context_slices} neighbour slice(s) on each side as "
+                          f"channels (2.5D), z-scored"),
         "label_classes": "; ".join(f"{v}: {label_name(v)}" for v in range(NUM_CLASSES)),
-        "network_data_format": data_format(),
+        "network_data_format": data_format(context_slices),
         "network_def": definition,
-        "preprocessing": preprocessing_entry(),
+        "preprocessing": preprocessing_entry(context_slices),
         "postprocessing": {"largest_component_3d": True, "fill_holes": True},
         # Test-time mirroring: the application averages the softmax of each slice with that of the
         # slice mirrored left-right (labels swapped back); it also yields the QC disagreement score.

@@ -16,7 +16,7 @@ DEFAULT_CHANNELS: tuple[int, ...] = (16, 32, 64, 128, 256)
 
 
 def network_def(channels: tuple[int, ...] = DEFAULT_CHANNELS, out_channels: int = NUM_CLASSES,
-                head: bool = False) -> dict[str, Any]:
+                head: bool = False, in_channels: int = 1) -> dict[str, Any]:
     """MONAI ``UNet`` arguments. MONAI's UNet downsamples with strided convolutions and
     upsamples with transposed convolutions (its defaults); two 3x3 convs per residual unit.
 
@@ -27,14 +27,14 @@ def network_def(channels: tuple[int, ...] = DEFAULT_CHANNELS, out_channels: int 
     features are the C class channels.
     """
     if head:
-        definition = network_def(channels, out_channels=channels[0])
+        definition = network_def(channels, out_channels=channels[0], in_channels=in_channels)
         definition["head"] = {"_target_": "torch.nn.Conv2d", "in_channels": int(channels[0]),
                               "out_channels": int(out_channels), "kernel_size": 1}
         return definition
     return {
         "_target_": "monai.networks.nets.UNet",
         "spatial_dims": 2,
-        "in_channels": 1,
+        "in_channels": int(in_channels),  # 1, or 1 + 2 x context slices (2.5D)
         "out_channels": int(out_channels),
         "channels": [int(c) for c in channels],
         "strides": [2] * (len(channels) - 1),

@@ -23,7 +23,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -66,6 +66,7 @@ class TrainConfig:
     dixon_contrasts: float = 0.0
     channels: list[int] = field(default_factory=lambda: list(DEFAULT_CHANNELS))
     head: bool = False
+    context_slices: int = 0  # 2.5D: neighbour slices on each side as extra input channels
     seed: int = 0
     checkpoint_every: int = 100
     threads: int = 1
@@ -103,6 +104,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse
     p.add_argument("--channels", type=int, nargs="+", default=list(DEFAULT_CHANNELS))
     p.add_argument("--head", action="store_true",
                    help="1x1-conv classification head on channels[0] UNet features (see training.network)")
+    p.add_argument("--context-slices", type=int, default=0,
+                   help="2.5D input: this many neighbour slices on each side as extra channels (0: 2D)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=100, help="iterations per epoch/checkpoint")
     # One thread by default: on the shared 2-core machine a 2-thread OpenMP team stalls at
@@ -126,7 +129,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse
         weight_decay=args.weight_decay, lr_schedule=args.lr_schedule, dice=args.dice,
         side_agnostic=args.side_agnostic, augmentation=args.augmentation,
         geometry=args.geometry, label_synthesis=args.label_synthesis, dixon_contrasts=args.dixon_contrasts,
-        channels=list(args.channels), head=args.head, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        channels=list(args.channels), head=args.head, context_slices=args.context_slices, seed=args.seed, checkpoint_every=args.checkpoint_every,
         threads=args.threads, init_checkpoint=args.init_checkpoint,
     )
     return config, args
@@ -144,11 +147,15 @@ def collect_slices(config: TrainConfig) -> list[SliceSet]:
     if unknown:
         raise CaseError(f"unknown case(s) {unknown}; known: {sorted(registry)}")
     check_held_out(config.cases, config.holdout)
-    sets = [case_slices(registry[c].load(), MODEL_SPEC) for c in config.cases]
+    if config.context_slices and config.label_synthesis > 0:
+        raise CaseError("--label-synthesis draws one slice from its tissue map; it cannot be combined with "
+                        "--context-slices (2.5D)")
+    spec = replace(MODEL_SPEC, context_slices=config.context_slices)
+    sets = [case_slices(registry[c].load(), spec) for c in config.cases]
     if config.synthetic > 0:
         from training.synthetic import synthetic_cases  # needs paraspinal.phantom
 
-        sets += [case_slices(case, MODEL_SPEC) for case in synthetic_cases(config.synthetic, seed=config.seed)]
+        sets += [case_slices(case, spec) for case in synthetic_cases(config.synthetic, seed=config.seed)]
     if not any(s.items for s in sets):
         raise CaseError("no training slices")
     return sets
@@ -229,7 +236,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, stop
         saved = TrainConfig(**state["config"])
         # Only the length of the run may change on resume; anything else would be another run.
         for key in ("cases", "holdout", "synthetic", "real_fraction", "batch_size", "lr", "dice", "side_agnostic", "augmentation",
-                    "geometry", "label_synthesis", "dixon_contrasts", "channels", "head", "seed"):
+                    "geometry", "label_synthesis", "dixon_contrasts", "channels", "head", "context_slices", "seed"):
             if getattr(saved, key) != getattr(config, key):
                 raise SystemExit(f"--resume: {key} differs from the checkpoint ({getattr(saved, key)!r})")
     sets = collect_slices(config)
@@ -239,7 +246,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, stop
                                   config.label_synthesis, config.dixon_contrasts)
     dataset = CacheDataset(items, transform=transforms, cache_rate=1.0, num_workers=0, progress=False)
 
-    definition = network_def(tuple(config.channels), head=config.head)
+    definition = network_def(tuple(config.channels), head=config.head, in_channels=1 + 2 * config.context_slices)
     network = build_network(definition)
     if config.init_checkpoint and state is None:
         load_initial_weights(network, config.init_checkpoint)
