@@ -348,6 +348,22 @@ def test_2_5d_bundle_declares_its_input_and_the_application_feeds_it_the_neighbo
             assert change_in_slice_1 < 1e-4
 
 
+def test_evaluation_in_short_stacks_segments_each_stack_on_its_own_and_keeps_the_grid(tiny_2_5d_bundle: Path):
+    from training.evaluate import predict_labels
+
+    rng = np.random.default_rng(4)
+    affine = np.array([[-1.0, 0, 0, 100], [0, -1.0, 0, 90], [0, 0, 4.0, -20], [0, 0, 0, 1.0]])
+    image = rng.uniform(100, 500, (50, 40, 5)).astype(np.float32)
+    bundle = load_bundle(tiny_2_5d_bundle, "cpu")
+    whole_raw, _, whole_unc = predict_labels(LoadedCase("w", image, None, affine, (0,), "toy"), bundle)
+    raw, post, unc = predict_labels(LoadedCase("s", image, None, affine, (0,), "toy"), bundle, stack_length=2)
+    assert raw.shape == post.shape == whole_raw.shape == (50, 40, 5)
+    assert all(len(v) == 5 for v in (*unc.entropy.values(), *unc.mirror_disagreement.values()))
+    # the last stack is slice 4 alone: its own z-score and itself as both neighbours
+    alone, _, _ = predict_labels(LoadedCase("a", image[..., 4:], None, affine, (0,), "toy"), bundle)
+    assert np.array_equal(raw[..., 4:], alone)
+
+
 # ------------------------------------------------------------------ 0.3.0 augmentations
 def _slice_item(with_dixon: bool) -> dict:
     rng = np.random.default_rng(3)

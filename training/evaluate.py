@@ -168,15 +168,53 @@ def overlay_figure(case: LoadedCase, pred: np.ndarray, path: Path, title: str) -
     plt.close(fig)
 
 
-def evaluate_case(case: LoadedCase, bundle: ModelBundle, out_dir: Path) -> dict[str, Any]:
-    """Metrics (raw and post-processed) and an overlay figure for one case."""
+def _sub_stack(case: LoadedCase, start: int, stop: int) -> LoadedCase:
+    """Slices ``start:stop`` (voxel axis K) of ``case`` as a volume of their own, in place."""
+    affine = case.affine_ras.copy()
+    affine[:3, 3] = case.affine_ras[:3, :3] @ np.array([0.0, 0.0, float(start)]) + case.affine_ras[:3, 3]
+    return dataclasses.replace(case, image=case.image[..., start:stop], affine_ras=affine,
+                               label=None if case.label is None else case.label[..., start:stop],
+                               components={})
+
+
+def predict_labels(case: LoadedCase, bundle: ModelBundle,
+                   stack_length: int | None = None) -> tuple[np.ndarray, np.ndarray, SliceUncertainty]:
+    """Raw and post-processed label maps (I, J, K) on the source grid, and the slice uncertainty.
+
+    ``stack_length``: cut the volume into consecutive stacks of that many slices along voxel
+    axis K and segment each on its own, as the application does with a series acquired as
+    short stacks angled to each disc (own z-score, own post-processing, and for a 2.5D model
+    the stack ends as neighbours); None: the whole volume at once.
+    """
+    k = case.image.shape[2]
+    bounds = [(0, k)] if not stack_length else [(a, min(k, a + stack_length)) for a in range(0, k, stack_length)]
+    raws, posts, mirror, entropy = [], [], {}, {}
+    for start, stop in bounds:
+        part = case if (start, stop) == (0, k) else _sub_stack(case, start, stop)
+        probs, uncertainty = predict_probabilities(part, bundle)
+        raw = np.argmax(probs, axis=0).astype(np.uint8)
+        raws.append(raw)
+        posts.append(postprocess_labels(raw, part.spacing_mm))
+        for target, source in ((mirror, uncertainty.mirror_disagreement), (entropy, uncertainty.entropy)):
+            for label in set(target) | set(source):
+                target.setdefault(label, [None] * start)
+                target[label] = target[label][:start] + list(source.get(label, [None] * (stop - start)))
+    for target in (mirror, entropy):
+        for label, values in target.items():
+            target[label] = values + [None] * (k - len(values))
+    return (np.concatenate(raws, axis=2), np.concatenate(posts, axis=2),
+            SliceUncertainty(mirror_disagreement=mirror, entropy=entropy))
+
+
+def evaluate_case(case: LoadedCase, bundle: ModelBundle, out_dir: Path,
+                  stack_length: int | None = None) -> dict[str, Any]:
+    """Metrics (raw and post-processed) and an overlay figure for one case (``stack_length``:
+    see :func:`predict_labels`)."""
     if case.label is None:
         raise CaseError(f"{case.case_id}: no reference labels")
     started = time.monotonic()
-    probs, uncertainty = predict_probabilities(case, bundle)
+    raw, post, uncertainty = predict_labels(case, bundle, stack_length)
     seconds = time.monotonic() - started
-    raw = np.argmax(probs, axis=0).astype(np.uint8)
-    post = postprocess_labels(raw, case.spacing_mm)
     labels = [c for c in case.labelled_classes if c != 0]
     raw_rows = label_metrics(raw, case.label, labels, case.spacing_mm)
     rows = label_metrics(post, case.label, labels, case.spacing_mm)
@@ -187,7 +225,7 @@ def evaluate_case(case: LoadedCase, bundle: ModelBundle, out_dir: Path) -> dict[
         "spacing_mm": [round(s, 4) for s in case.spacing_mm], "shape": list(case.image.shape),
         "inference_s": round(seconds, 1),
         "rows": rows + [mean_row(rows)], "raw_rows": raw_rows + [mean_row(raw_rows)],
-        "figure": figure.name, "test_time_mirror": bundle.test_time_mirror,
+        "figure": figure.name, "test_time_mirror": bundle.test_time_mirror, "stack_length": stack_length,
         "slices": slice_records(case, post, uncertainty, labels),
     }
 
@@ -266,6 +304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--update-bundle", action="store_true",
                    help="write the figures into the bundle metadata and model card")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--stack-length", type=int, default=None,
+                   help="segment the volume as consecutive stacks of this many slices, each on its own "
+                        "(series acquired as short stacks angled to each disc)")
     p.add_argument("--test-time-mirror", choices=("bundle", "on", "off"), default="bundle",
                    help="override the bundle's test-time mirroring (ablation); default: as the bundle says")
     args = p.parse_args(argv)
@@ -291,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {case_id} is in this bundle's training data; evaluating on it would be meaningless",
                   file=sys.stderr)
             return 2
-        result = evaluate_case(registry[case_id].load(), bundle, out_dir)
+        result = evaluate_case(registry[case_id].load(), bundle, out_dir, args.stack_length)
         results.append(result)
         print(f"{case_id}: post-processed mean Dice {result['rows'][-1]['dice']:.3f} "
               f"(raw {result['raw_rows'][-1]['dice']:.3f})")
