@@ -247,5 +247,5 @@ def test_a_promoted_version_analyses_the_next_study_without_restart_and_rollback
     assert app_main([*cli, "rollback"]) == 0
     events = [e for e in read_audit(node["audit"]) if e["event"] in ("model_promoted", "model_rolled_back")]
     assert [(e["event"], e["version"]) for e in events] == [("model_promoted", version),
-                                                            ("model_rolled_back", "0.3.0")]
+                                                            ("model_rolled_back", read_metadata(SHIPPED)["version"])]
     assert events[0]["forced"] is True

@@ -27,7 +27,7 @@ import torch
 from paraspinal.model_bundle import METADATA_RELPATH, TORCHSCRIPT_RELPATH
 from training.data import MODEL_SPEC
 from training.labels import NUM_CLASSES, label_name, label_table
-from training.model_card import DEFAULT_LIMITS, render_model_card
+from training.model_card import default_limits, render_model_card
 from training.network import build_network
 
 BUNDLE_NAME = "paraspinal_t2ax"
@@ -176,7 +176,8 @@ def write_bundle(network: torch.nn.Module, definition: dict[str, Any], out_dir: 
         "name": name,
         "version": version,
         "description": description or (
-            "2D UNet segmenting the lumbar paraspinal muscles (multifidus, erector spinae, psoas major, "
+            ("2D UNet" if context_slices == 0 else f"2.5D UNet (2D network, {in_channels} neighbouring slices in)")
+            + " segmenting the lumbar paraspinal muscles (multifidus, erector spinae, psoas major, "
             "quadratus lumborum; right and left) on axial T2-weighted MRI, slice by slice. Research use only."),
         "authors": "Paraspinal Muscle Node project",
         "copyright": "Paraspinal Muscle Node project",
@@ -201,7 +202,7 @@ def write_bundle(network: torch.nn.Module, definition: dict[str, Any], out_dir: 
         # slice mirrored left-right (labels swapped back); it also yields the QC disagreement score.
         "inference": {"test_time_mirror": bool(test_time_mirror)},
         **label_table(),
-        "limits": list(limits if limits is not None else DEFAULT_LIMITS),
+        "limits": list(limits if limits is not None else default_limits(context_slices)),
         "training": training,
         "evaluation": {"measured": False,
                        "how": f"python -m training.evaluate --bundle {out_dir} --case <held-out case> --update-bundle"},

@@ -39,6 +39,7 @@ from paraspinal.site_dataset import SiteCase, list_cases
 from training.data import CaseError, site_cases
 from training.export import add_recipe_check, export_bundle, write_metadata
 from training.gate import GateResult, compare
+from training.network import context_slices_of
 from training.train import TrainConfig, train
 
 STATE_FILE = "finetune_state.json"
@@ -82,7 +83,7 @@ def finetune(site_dir: Path, config: Config, shipped: Path, *, iterations: int, 
         out=str(work), cases=list(real_cases), holdout=[f"site:{c.case_id}" for c in held_out],
         data_dir=str(site_dir) if train_cases else None, iterations=iterations, batch_size=batch_size, lr=lr,
         side_agnostic=0.5, channels=list(net.get("channels", [16, 32, 64, 128, 256])), head=bool(net.get("head")),
-        seed=seed, checkpoint_every=min(100, iterations), threads=threads, init_checkpoint=str(current.path))
+        context_slices=context_slices_of(net), seed=seed, checkpoint_every=min(100, iterations), threads=threads, init_checkpoint=str(current.path))
     torch.set_num_threads(max(1, threads))
     started = time.monotonic()
     cpu0 = time.process_time()

@@ -35,6 +35,7 @@ from training.data import LoadedCase, real_cases
 from training.evaluate import predict_probabilities
 from training.export import export_bundle
 from training.postprocess import postprocess_labels
+from training.network import context_slices_of
 from training.train import TrainConfig, train
 
 CASE = "myosegmentum_tum01"
@@ -100,7 +101,8 @@ def run(start: Path, out: Path, steps: Sequence[int], iterations: int, batch_siz
             config = TrainConfig(out=str(run_dir / "train"), cases=["musclemap_sub0001"], holdout=[CASE],
                                  data_dir=str(data_dir) if data_dir else None, iterations=iterations,
                                  batch_size=batch_size, lr=lr, side_agnostic=0.5, checkpoint_every=iterations,
-                                 threads=1, init_checkpoint=str(start))
+                                 threads=1, init_checkpoint=str(start),
+                                 context_slices=context_slices_of(read_metadata(Path(start))["network_def"]))
             wall, cpu = time.monotonic(), time.process_time()
             checkpoint = train(config, progress=False)
             entry["finetune_wall_s"] = round(time.monotonic() - wall, 1)

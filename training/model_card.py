@@ -53,6 +53,22 @@ DEFAULT_LIMITS: tuple[str, ...] = (
 )
 
 
+SLICE_CONTEXT_LIMIT_2D = DEFAULT_LIMITS[4]
+
+
+def default_limits(context_slices: int = 0) -> tuple[str, ...]:
+    """The standard limits; a 2.5D model's through-plane limit replaces the 2D one."""
+    if context_slices <= 0:
+        return DEFAULT_LIMITS
+    text = (f"2.5D model: each slice is segmented with {context_slices} neighbour slice(s) on each side as input "
+            "channels, trained on slice spacings of 3.6-5.3 mm (real: 4.0 and 4.4 mm); much thicker slices or gaps "
+            "between slices were not measured. At the ends of a stack the edge slice stands in for its missing "
+            "neighbour, as in training at the ends of each volume (held-out Dice with the volume cut into stacks of "
+            "4 slices: model card). Slices far outside L1-S1 are out of scope and may receive spurious labels "
+            "(post-processing keeps the largest 3D component per muscle).")
+    return tuple(text if entry == SLICE_CONTEXT_LIMIT_2D else entry for entry in DEFAULT_LIMITS)
+
+
 def _fmt(value: Any, pattern: str) -> str:
     if value is None or (isinstance(value, float) and value != value):
         return "n/a"
@@ -184,7 +200,11 @@ def render_model_card(metadata: dict[str, Any]) -> str:
         "",
         "## Inputs, outputs, processing",
         "",
-        f"- Input: one axial slice, (B, 1, H, W) float32, in the model space: orientation {pre.get('orientation')} "
+        (f"- Input: one axial slice, (B, 1, H, W) float32, " if not pre.get("context_slices") else
+         f"- Input: one axial slice with its {pre['context_slices']} neighbour slice(s) on each side as channels "
+         f"(2.5D; channel order inferior to superior, the edge slice repeated past the ends of a stack), "
+         f"(B, {1 + 2 * int(pre['context_slices'])}, H, W) float32, ")
+        + f"in the model space: orientation {pre.get('orientation')} "
         f"(voxel axis 0 towards the patient's right, axis 1 anterior; slices along axis 2), in-plane spacing "
         f"{pre.get('pixdim_mm')} mm (slice spacing kept), z-score over the non-zero voxels of the volume.",
         f"- Output: (B, {len(labels) + 1}, H, W) logits; label = arg-max. Labels (patient side): "
@@ -199,7 +219,8 @@ def render_model_card(metadata: dict[str, Any]) -> str:
         "",
         "## Architecture",
         "",
-        f"MONAI UNet, {net.get('spatial_dims')}D, channels {net.get('channels')}, strides {net.get('strides')}, "
+        f"MONAI UNet, {net.get('spatial_dims')}D, {net.get('in_channels', 1)} input channel(s), "
+        f"channels {net.get('channels')}, strides {net.get('strides')}, "
         f"{net.get('num_res_units')} residual units per level (two 3x3 convolutions each), strided-convolution "
         f"downsampling, transposed-convolution upsampling, {net.get('norm')} norm, {net.get('act')} activation "
         f"(Wesselink et al. design at reduced width for CPU training). {weights.get('parameters')} parameters; "

@@ -61,3 +61,8 @@ def build_network(definition: dict[str, Any]) -> nn.Module:
     if head.get("_target_") != "torch.nn.Conv2d" or head.get("kernel_size") != 1:
         raise ValueError(f"unsupported head {head!r}")
     return nn.Sequential(unet, nn.Conv2d(int(head["in_channels"]), int(head["out_channels"]), kernel_size=1))
+
+
+def context_slices_of(definition: dict[str, Any]) -> int:
+    """Neighbour slices on each side a network built from ``definition`` expects (0: 2D input)."""
+    return (int(definition.get("in_channels", 1)) - 1) // 2

@@ -170,10 +170,14 @@ def load_initial_weights(network: torch.nn.Module, source: str) -> None:
     """Fine-tuning start point: a training checkpoint or an exported bundle (TorchScript)."""
     path = Path(source)
     if path.is_dir():
-        scripted = torch.jit.load(str(path / "models" / "model.ts"), map_location="cpu")
-        network.load_state_dict(scripted.state_dict())
+        state = torch.jit.load(str(path / "models" / "model.ts"), map_location="cpu").state_dict()
     else:
-        network.load_state_dict(torch.load(str(path), map_location="cpu", weights_only=False)["model"])
+        state = torch.load(str(path), map_location="cpu", weights_only=False)["model"]
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CaseError(f"--init {source}: its network differs from this run's (--channels, --head, "
+                        f"--context-slices must match): {str(exc).splitlines()[0]}") from exc
 
 
 def sampling_weights(items: list[dict[str, Any]], real_fraction: float) -> torch.Tensor:
