@@ -114,6 +114,7 @@ def training_entry(checkpoint: dict[str, Any]) -> dict[str, Any]:
             "optimizer": "AdamW", "lr": config["lr"], "weight_decay": config["weight_decay"],
             "lr_schedule": config["lr_schedule"], "batch_size": config["batch_size"],
             "patch": list(MODEL_SPEC.roi_size),
+            "context_slices": int(config.get("context_slices", 0)),
             "augmentation": {
                 "geometric": GEOMETRY_TEXT[config.get("geometry", "basic")],
                 "contrast": config["augmentation"],

@@ -115,7 +115,10 @@ def _training_section(training: dict[str, Any]) -> list[str]:
                 "the checkpoint's provider.", ""]
     recipe = training.get("recipe", {})
     aug = recipe.get("augmentation", {})
-    lines = ["## Training", "", "Data (2D axial slices in model space):", ""]
+    context = int(recipe.get("context_slices", 0))
+    lines = ["## Training", "", ("Data (2D axial slices in model space):" if not context else
+                                 f"Data (axial slices in model space, each with its {context} neighbour slice(s) on "
+                                 "each side as input channels, 2.5D):"), ""]
     lines += [f"- {entry}" for entry in summarise_data(training.get("data", []))]
     lines += [
         "",
