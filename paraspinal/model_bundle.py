@@ -220,6 +220,10 @@ def _parse_preprocessing(metadata: dict[str, Any]) -> PreprocessingSpec:
         raise BundleError(f"bundle metadata: bad or missing preprocessing entry ({exc!r})") from exc
     if not 0 <= spec.context_slices <= 3:
         raise BundleError(f"bundle metadata: context_slices must be 0..3, got {spec.context_slices}")
+    declared = metadata.get("network_def", {}).get("in_channels", spec.in_channels)
+    if declared != spec.in_channels:  # the network would be fed the wrong number of slices
+        raise BundleError(f"bundle metadata: network_def.in_channels {declared} does not match "
+                          f"preprocessing.context_slices {spec.context_slices} (expects {spec.in_channels})")
     if spec.intensity != "zscore_nonzero":
         raise BundleError(f"bundle metadata: unsupported intensity normalisation {spec.intensity!r}")
     if len(spec.orientation) != 3:

@@ -188,22 +188,22 @@ def predict_labels(case: LoadedCase, bundle: ModelBundle,
     """
     k = case.image.shape[2]
     bounds = [(0, k)] if not stack_length else [(a, min(k, a + stack_length)) for a in range(0, k, stack_length)]
-    raws, posts, mirror, entropy = [], [], {}, {}
+    raws, posts, parts = [], [], []
     for start, stop in bounds:
         part = case if (start, stop) == (0, k) else _sub_stack(case, start, stop)
         probs, uncertainty = predict_probabilities(part, bundle)
         raw = np.argmax(probs, axis=0).astype(np.uint8)
         raws.append(raw)
         posts.append(postprocess_labels(raw, part.spacing_mm))
-        for target, source in ((mirror, uncertainty.mirror_disagreement), (entropy, uncertainty.entropy)):
-            for label in set(target) | set(source):
-                target.setdefault(label, [None] * start)
-                target[label] = target[label][:start] + list(source.get(label, [None] * (stop - start)))
-    for target in (mirror, entropy):
-        for label, values in target.items():
-            target[label] = values + [None] * (k - len(values))
+        parts.append((stop - start, uncertainty))
+
+    def joined(score: str) -> dict[int, list[float | None]]:
+        # one list per label over all stacks; None where a stack does not predict the label
+        labels = {label for _, u in parts for label in getattr(u, score)}
+        return {label: [v for n, u in parts for v in getattr(u, score).get(label, [None] * n)] for label in labels}
+
     return (np.concatenate(raws, axis=2), np.concatenate(posts, axis=2),
-            SliceUncertainty(mirror_disagreement=mirror, entropy=entropy))
+            SliceUncertainty(mirror_disagreement=joined("mirror_disagreement"), entropy=joined("entropy")))
 
 
 def evaluate_case(case: LoadedCase, bundle: ModelBundle, out_dir: Path,

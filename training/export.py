@@ -28,7 +28,7 @@ from paraspinal.model_bundle import METADATA_RELPATH, TORCHSCRIPT_RELPATH
 from training.data import MODEL_SPEC
 from training.labels import NUM_CLASSES, label_name, label_table
 from training.model_card import default_limits, render_model_card
-from training.network import build_network
+from training.network import build_network, context_slices_of
 
 BUNDLE_NAME = "paraspinal_t2ax"
 MAX_WEIGHTS_MB = 20.0
@@ -157,7 +157,7 @@ def write_bundle(network: torch.nn.Module, definition: dict[str, Any], out_dir: 
     in_channels = int(definition.get("in_channels", 1))
     if in_channels % 2 != 1:
         raise ValueError(f"network in_channels must be odd (1 + 2 x context slices), got {in_channels}")
-    context_slices = (in_channels - 1) // 2
+    context_slices = context_slices_of(definition)
     scripted = script_network(network, MODEL_SPEC.roi_size, in_channels)
     (out_dir / TORCHSCRIPT_RELPATH).parent.mkdir(parents=True, exist_ok=True)
     (out_dir / METADATA_RELPATH).parent.mkdir(parents=True, exist_ok=True)
