@@ -148,6 +148,21 @@ def _crop_to_body(view: np.ndarray, labels: np.ndarray, margin: float = 0.04) ->
 
 # --- pages -----------------------------------------------------------------------------------
 
+def _page1_notes(stacks, ctx) -> str:
+    """The explanatory notes under page 1's chart, wrapped to the page width."""
+    notes = ["Fat fraction: share of the muscle that is fat on the T2 (threshold methods: fat voxels / all voxels; "
+             "signal fraction: each voxel's intensity between lean muscle and subcutaneous fat of the same slice). "
+             f"Dixon PDFF, where shown, is F/(W+F) inside the same muscle ({pdff_erosion_text(stacks)}). Grades: simplified Goutallier "
+             "(< 10 % normal/mild, 10-50 % moderate, > 50 % severe). Asymmetry index: |R - L| / mean(R, L) of "
+             "the two sides' volumes. Model Dice: the segmentation model's agreement with manual masks on held-out "
+             f"real data (model card); '{NOT_EVALUATED}': no real-data accuracy figure exists for that muscle, so its "
+             "outline and numbers need particular care. QC: REVIEW when the outline is uncertain (the number, 0-1: "
+             "disagreement between the model's prediction on the slice and on its mirror image) or implausible "
+             "(left-right asymmetry, area outside an adult range, pieces, gaps, one side only); key images of the "
+             "most uncertain slices follow the level images."] + list(ctx.notes)
+    return "\n".join(line for note in notes for line in textwrap.wrap(note, 125))
+
+
 def _footer(fig, page: int, total: int, generated: str) -> None:
     width = 130 if fig.get_figwidth() < fig.get_figheight() else 190
     fig.text(0.5, 0.02, "\n".join(textwrap.wrap(RESEARCH_USE_STATEMENT, width)), ha="center", va="bottom",
@@ -320,21 +335,15 @@ def _summary_page(pdf, source: Dataset, stacks: list[ReportStack], labels: tuple
         fig.text(0.06, y, text, fontsize=7.2, va="top", color="#900000", linespacing=1.3)
         height = 0.0125 * (text.count("\n") + 1)
     y -= height + 0.05
-    chart_bottom = 0.17
+    notes = _page1_notes(stacks, ctx)
+    # The notes sit on the footer and the chart on the notes, so extra notes (ctx.notes) push the
+    # chart up instead of running into the research-use footer.
+    notes_bottom = 0.055
+    line_height = 6.8 * 1.3 / 72.0 / fig.get_figheight()
+    chart_bottom = notes_bottom + line_height * (notes.count("\n") + 1) + 0.045
     ax2 = fig.add_axes([0.1, chart_bottom, 0.84, max(0.2, min(0.38, y - chart_bottom))])
     _bar_chart(ax2, stacks, colours, fat_method(ctx.fat_method).meaning)
-    notes = ["Fat fraction: share of the muscle that is fat on the T2 (threshold methods: fat voxels / all voxels; "
-             "signal fraction: each voxel's intensity between lean muscle and subcutaneous fat of the same slice). "
-             f"Dixon PDFF, where shown, is F/(W+F) inside the same muscle ({pdff_erosion_text(stacks)}). Grades: simplified Goutallier "
-             "(< 10 % normal/mild, 10-50 % moderate, > 50 % severe). Asymmetry index: |R - L| / mean(R, L) of "
-             "the two sides' volumes. Model Dice: the segmentation model's agreement with manual masks on held-out "
-             f"real data (model card); '{NOT_EVALUATED}': no real-data accuracy figure exists for that muscle, so its "
-             "outline and numbers need particular care. QC: REVIEW when the outline is uncertain (the number, 0-1: "
-             "disagreement between the model's prediction on the slice and on its mirror image) or implausible "
-             "(left-right asymmetry, area outside an adult range, pieces, gaps, one side only); key images of the "
-             "most uncertain slices follow the level images."] + list(ctx.notes)
-    text = "\n".join(line for note in notes for line in textwrap.wrap(note, 125))
-    fig.text(0.06, 0.12, text, fontsize=6.8, va="top", linespacing=1.3)
+    fig.text(0.06, notes_bottom, notes, fontsize=6.8, va="bottom", linespacing=1.3)
     _footer(fig, page, total, generated)
     pdf.savefig(fig)
     plt.close(fig)
