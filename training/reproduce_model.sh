@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces the shipped bundle paraspinal_t2ax 0.4.0 and the recipe figures of its card:
+# Reproduces the shipped bundle paraspinal_t2ax 0.5.0 and the recipe figures of its card:
 #   1. two leave-one-subject-out folds of the recipe (train on one real subject + 16 phantoms,
 #      test on the other real subject, fold A also on 4 unseen synthetic phantoms), with
 #      test-time mirroring as the application runs it;
@@ -8,32 +8,34 @@
 #   4. the fold table (held-out Dice for multifidus and erector spinae, the labels both folds train
 #      on real data) and the QC table written into the bundle's metadata and model card.
 # The recipe is 0.3.0's with a 2.5D input (--context-slices 1: the slice and its two neighbours
-# as channels), which raised held-out Dice in both folds; stronger geometry, Dixon contrast
-# synthesis and label-driven synthesis did not (model card). Every step resumes (--resume).
-# CPU: about 15-25 min per run on one free core (torch 1 thread; 2-3x longer on a busy machine).
+# as channels) and 3000 iterations; both raised held-out Dice in both folds, while stronger geometry,
+# Dixon contrast synthesis and label-driven synthesis did not (model card). ITERS=1500 gives 0.4.0's
+# recipe. Every step resumes (--resume), so an interrupted run continues where it stopped.
+# CPU: about 30-50 min per run on one free core (torch 1 thread; 2-3x longer on a busy machine).
 # The ablation tables of the card are separate runs (README "The model and its quality control").
 # Usage: make model   (or: bash training/reproduce_model.sh [OUT])
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-OUT=${1:-output/reproduce_0.4.0_${ITERS:-1500}it}
+OUT=${1:-output/reproduce_0.5.0_${ITERS:-3000}it}
 BUNDLE=${BUNDLE:-models/paraspinal_t2ax}
-ITERS=${ITERS:-1500}  # the shipped 0.4.0: 1500; ITERS=3000 gives the longer recipe of the card's ablation
+ITERS=${ITERS:-3000}  # the shipped 0.5.0: 3000; ITERS=1500 gives 0.4.0's recipe
+VERSION=${VERSION:-$([ "$ITERS" = 3000 ] && echo 0.5.0 || echo "0.5.0+${ITERS}it")}
 RECIPE=(--synthetic 16 --batch-size 4 --seed 0 --threads 1 --checkpoint-every 100 --context-slices 1 --resume)
 SYNTH=(--case synthetic_test_0 --case synthetic_test_1 --case synthetic_test_2 --case synthetic_test_3)
 export PYTHONPATH=.
 
 "$PY" -m training.train --out "$OUT/foldA" --cases musclemap_sub0001 --holdout myosegmentum_tum01 \
-  --iterations "$ITERS" "${RECIPE[@]}" --export "$OUT/bundles/foldA" --version 0.4.0-foldA
+  --iterations "$ITERS" "${RECIPE[@]}" --export "$OUT/bundles/foldA" --version "$VERSION-foldA"
 "$PY" -m training.train --out "$OUT/foldB" --cases myosegmentum_tum01 --holdout musclemap_sub0001 \
-  --iterations "$ITERS" "${RECIPE[@]}" --export "$OUT/bundles/foldB" --version 0.4.0-foldB
+  --iterations "$ITERS" "${RECIPE[@]}" --export "$OUT/bundles/foldB" --version "$VERSION-foldB"
 "$PY" -m training.evaluate --bundle "$OUT/bundles/foldA" --case myosegmentum_tum01 "${SYNTH[@]}" --out "$OUT/eval/foldA"
 "$PY" -m training.evaluate --bundle "$OUT/bundles/foldB" --case musclemap_sub0001 --out "$OUT/eval/foldB"
 
 "$PY" -m training.train --out "$OUT/shipped" --cases musclemap_sub0001 myosegmentum_tum01 --holdout \
-  --iterations "$ITERS" "${RECIPE[@]}" --export "$BUNDLE" --version 0.4.0
+  --iterations "$ITERS" "${RECIPE[@]}" --export "$BUNDLE" --version "$VERSION"
 
-"$PY" -m training.compare --title "Leave-one-subject-out folds of the 0.4.0 recipe" \
+"$PY" -m training.compare --title "Leave-one-subject-out folds of the $VERSION recipe ($ITERS iterations)" \
   --text "Fold A: trained on MuscleMap sub-0001 + 16 phantoms, tested on MyoSegmenTUM tum01 (multifidus and erector spinae labelled) and 4 unseen phantoms. Fold B: trained on tum01 + 16 phantoms, tested on MuscleMap sub-0001 (all 8 muscles). Inference with test-time mirroring, as the application runs it. Psoas major and quadratus lumborum get no held-out figure in the application: their only fold (B) learned them from phantoms alone." \
   --run foldA="$OUT/eval/foldA/evaluation.json" --run foldB="$OUT/eval/foldB/evaluation.json" \
   --out "$OUT/folds.md" --into-bundle "$BUNDLE" --cross-validation --cv-labels 1 2 3 4
