@@ -152,6 +152,33 @@ def test_slice_bands_cover_the_muscle_slices_in_about_30_mm_bands():
     assert slice_bands(z, []) == []
 
 
+def _word_boxes(path, page: int) -> list[tuple[str, float, float]]:
+    """(word, yMin, yMax) of every word on a page, in PDF points from the top (pdftotext -bbox)."""
+    import re
+
+    html = subprocess.run(["pdftotext", "-bbox", "-f", str(page), "-l", str(page), str(path), "-"],
+                          capture_output=True, text=True, check=True).stdout
+    return [(w, float(y0), float(y1)) for y0, y1, w in
+            re.findall(r'<word xMin="[^"]+" yMin="([^"]+)" xMax="[^"]+" yMax="([^"]+)">([^<]*)</word>', html)]
+
+
+def test_summary_page_notes_stay_between_the_chart_and_the_research_use_footer(report, tmp_path):
+    """Extra notes (e.g. a Dixon or level caveat) push the chart up; they never run into the
+    research-use footer, and the chart's axis labels never run into the notes."""
+    extra = ["Caveat " + "word " * 60 + "ZZENDNOTE"] * 3
+    ctx = ReportContext(report["bundle"].name, report["bundle"].version, report["bundle"].weights_sha256,
+                        "signal_fraction", "none", "0.1.0", notes=extra)
+    path = tmp_path / "report.pdf"
+    path.write_bytes(render_report_pdf(report["stack"].datasets[0], report["stacks"], report["bundle"].labels, ctx))
+    words = _word_boxes(path, 1)
+    footer_top = max(y0 for w, y0, _ in words if w == "RESEARCH")  # the footer is the lowest "RESEARCH"
+    notes_bottom = max(y1 for w, _, y1 in words if w == "ZZENDNOTE")
+    notes_top = max(y0 for w, y0, _ in words if w == "Goutallier")  # the notes' mention lies below the table's
+    chart_axis_bottom = max(y1 for w, _, y1 in words if w == "lumborum")  # the chart's last tick label
+    assert notes_bottom <= footer_top
+    assert chart_axis_bottom <= notes_top
+
+
 def test_summary_table_gives_each_muscles_held_out_dice_or_says_not_evaluated(report, tmp_path):
     """A reader sees, beside each muscle's numbers, how well the model segments that muscle on
     held-out real data, and which muscles have no such figure (psoas and quadratus lumborum for
