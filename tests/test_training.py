@@ -243,6 +243,19 @@ def test_tiny_training_run_produces_a_loadable_bundle(tiny_bundle: Path):
     assert (tiny_bundle / "docs" / "README.md").read_text().count("RESEARCH USE ONLY") == 1
 
 
+def test_export_refuses_weights_above_the_commit_limit_unless_the_limit_is_lifted(tiny_bundle: Path,
+                                                                                    tmp_path: Path):
+    """Weights meant for models/ stay under the repository's size limit; an experiment bundle kept in
+    output/ (e.g. a wider network) can lift it with --max-weights-mb 0."""
+    from training.export import main as export_main
+
+    checkpoint = tiny_bundle.parent / "run" / "checkpoint.pt"
+    with pytest.raises(RuntimeError, match="limit for committed weights"):
+        export_main([str(checkpoint), "--out", str(tmp_path / "small"), "--max-weights-mb", "0.001"])
+    assert export_main([str(checkpoint), "--out", str(tmp_path / "free"), "--max-weights-mb", "0"]) == 0
+    assert load_bundle(tmp_path / "free", "cpu").num_classes == NUM_CLASSES
+
+
 def test_resume_continues_exactly(tmp_path: Path):
     if not HAS_REAL:
         pytest.skip("shared real fixtures not present")

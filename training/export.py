@@ -134,13 +134,16 @@ def training_entry(checkpoint: dict[str, Any]) -> dict[str, Any]:
 
 
 def export_bundle(checkpoint_path: Path, out_dir: Path, version: str = "0.1.0", name: str = BUNDLE_NAME,
-                  description: str | None = None, test_time_mirror: bool = True) -> Path:
-    """Write a bundle from a training checkpoint; returns the bundle folder."""
+                  description: str | None = None, test_time_mirror: bool = True,
+                  max_weights_mb: float | None = MAX_WEIGHTS_MB) -> Path:
+    """Write a bundle from a training checkpoint; returns the bundle folder (``max_weights_mb``: as in
+    ``write_bundle``)."""
     checkpoint = torch.load(str(checkpoint_path), map_location="cpu", weights_only=False)
     network = build_network(checkpoint["network_def"])
     network.load_state_dict(checkpoint["model"])
     return write_bundle(network, checkpoint["network_def"], Path(out_dir), training_entry(checkpoint),
-                        name=name, version=version, description=description, test_time_mirror=test_time_mirror)
+                        name=name, version=version, description=description, test_time_mirror=test_time_mirror,
+                        max_weights_mb=max_weights_mb)
 
 
 def write_bundle(network: torch.nn.Module, definition: dict[str, Any], out_dir: Path, training: dict[str, Any],
@@ -240,9 +243,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--name", default=BUNDLE_NAME)
     p.add_argument("--no-test-time-mirror", action="store_true",
                    help="the application infers each slice once (no mirrored second pass, no disagreement score)")
+    p.add_argument("--max-weights-mb", type=float, default=MAX_WEIGHTS_MB,
+                   help=f"refuse larger weights (default {MAX_WEIGHTS_MB} MB, the limit for weights committed to the "
+                        "repository); 0: no limit, for experiment bundles kept outside models/")
     args = p.parse_args(argv)
     print(export_bundle(args.checkpoint, args.out, version=args.version, name=args.name,
-                        test_time_mirror=not args.no_test_time_mirror))
+                        test_time_mirror=not args.no_test_time_mirror,
+                        max_weights_mb=args.max_weights_mb or None))
     return 0
 
 
