@@ -338,12 +338,12 @@ def _summary_page(pdf, source: Dataset, stacks: list[ReportStack], labels: tuple
     notes = _page1_notes(stacks, ctx)
     # The notes sit on the footer and the chart on the notes, so extra notes (ctx.notes) push the
     # chart up instead of running into the research-use footer.
-    notes_bottom = 0.055
-    line_height = 6.8 * 1.3 / 72.0 / fig.get_figheight()
+    notes_bottom, notes_size, notes_spacing = 0.055, 6.8, 1.3
+    line_height = notes_size * notes_spacing / 72.0 / fig.get_figheight()  # points -> figure fraction
     chart_bottom = notes_bottom + line_height * (notes.count("\n") + 1) + 0.045
     ax2 = fig.add_axes([0.1, chart_bottom, 0.84, max(0.2, min(0.38, y - chart_bottom))])
     _bar_chart(ax2, stacks, colours, fat_method(ctx.fat_method).meaning)
-    fig.text(0.06, notes_bottom, notes, fontsize=6.8, va="bottom", linespacing=1.3)
+    fig.text(0.06, notes_bottom, notes, fontsize=notes_size, va="bottom", linespacing=notes_spacing)
     _footer(fig, page, total, generated)
     pdf.savefig(fig)
     plt.close(fig)

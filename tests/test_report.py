@@ -4,6 +4,7 @@ the study (dciodvfy), and report.pdf + report_pdf.dcm in the results folder."""
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -154,8 +155,6 @@ def test_slice_bands_cover_the_muscle_slices_in_about_30_mm_bands():
 
 def _word_boxes(path, page: int) -> list[tuple[str, float, float]]:
     """(word, yMin, yMax) of every word on a page, in PDF points from the top (pdftotext -bbox)."""
-    import re
-
     html = subprocess.run(["pdftotext", "-bbox", "-f", str(page), "-l", str(page), str(path), "-"],
                           capture_output=True, text=True, check=True).stdout
     return [(w, float(y0), float(y1)) for y0, y1, w in
