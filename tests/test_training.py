@@ -442,6 +442,30 @@ def test_label_synthesis_redraws_intensities_but_keeps_the_anatomy():
     assert min(differences) < 0 < max(differences)
 
 
+def test_synthetic_cache_write_survives_another_writer_of_the_same_case(tmp_path: Path, monkeypatch):
+    """Two trainings started together render the same phantom and both write it to the cache."""
+    import training.synthetic as synthetic
+
+    small = LoadedCase("phantom_small", np.ones((4, 4, 2), np.float32), np.zeros((4, 4, 2), np.uint8), np.eye(4),
+                       (0,), "test")
+    monkeypatch.setattr(synthetic, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(synthetic, "render_synthetic_case", lambda index, seed=0: small)
+    real_savez = np.savez_compressed
+    other_writer_ran = []
+
+    def savez_then_another_writer_finishes_first(file, **arrays):
+        real_savez(file, **arrays)
+        if not other_writer_ran:  # the other training writes and renames the same case before this one renames
+            other_writer_ran.append(True)
+            synthetic.synthetic_case(3, seed=5)
+
+    monkeypatch.setattr(synthetic.np, "savez_compressed", savez_then_another_writer_finishes_first)
+    case = synthetic.synthetic_case(3, seed=5)
+    assert other_writer_ran and case.case_id == "phantom_small"
+    assert [p.name for p in tmp_path.iterdir()] == [synthetic._cache_path(3, 5).name]  # no temporary left
+    monkeypatch.setattr(synthetic.np, "savez_compressed", real_savez)
+    assert synthetic.synthetic_case(3, seed=5).case_id == "phantom_small"  # read back from the cache
+
 # ------------------------------------------------------------------ MuscleMap import
 def test_musclemap_import_maps_labels(tmp_path: Path):
     """Shapes and label mapping only: no MuscleMap weights are available here, so the

@@ -16,6 +16,8 @@ through the shared preprocessing like a real case. Renders are cached as .npz fi
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -75,10 +77,17 @@ def synthetic_case(index: int, seed: int = 0, use_cache: bool = True) -> LoadedC
     case = render_synthetic_case(index, seed)
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, case_id=case.case_id, image=case.image, label=case.label, affine=case.affine_ras,
-                            source=case.source)
-        tmp.replace(path)
+        # A temporary name of its own per writer: two trainings started together render the same case, and a
+        # shared name let one move the other's file away before it was renamed (FileNotFoundError).
+        handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp.npz")
+        os.close(handle)
+        tmp = Path(tmp_name)
+        try:
+            np.savez_compressed(tmp, case_id=case.case_id, image=case.image, label=case.label,
+                                affine=case.affine_ras, source=case.source)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return case
 
 
