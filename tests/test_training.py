@@ -256,6 +256,16 @@ def test_export_refuses_weights_above_the_commit_limit_unless_the_limit_is_lifte
     assert load_bundle(tmp_path / "free", "cpu").num_classes == NUM_CLASSES
 
 
+def test_commit_size_limit_applies_only_to_bundles_exported_into_models(tmp_path: Path):
+    """``train --export`` and ``export`` without --max-weights-mb: a wide experiment network exported to
+    output/ must not fail after hours of training; one exported into models/ is still held to the limit."""
+    from training.export import COMMITTED_MODELS_DIR, MAX_WEIGHTS_MB, weights_limit_for
+
+    assert weights_limit_for(COMMITTED_MODELS_DIR / "paraspinal_t2ax") == MAX_WEIGHTS_MB
+    assert weights_limit_for(COMMITTED_MODELS_DIR.parent / "output" / "long" / "bundles" / "wide") is None
+    assert weights_limit_for(tmp_path / "models" / "paraspinal_t2ax") is None  # another tree's models/
+
+
 def test_resume_continues_exactly(tmp_path: Path):
     if not HAS_REAL:
         pytest.skip("shared real fixtures not present")

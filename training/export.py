@@ -25,13 +25,20 @@ import monai
 import torch
 
 from paraspinal.model_bundle import METADATA_RELPATH, TORCHSCRIPT_RELPATH
-from training.data import MODEL_SPEC
+from training.data import MODEL_SPEC, PROJECT_ROOT
 from training.labels import NUM_CLASSES, label_name, label_table
 from training.model_card import default_limits, render_model_card
 from training.network import build_network, context_slices_of
 
 BUNDLE_NAME = "paraspinal_t2ax"
 MAX_WEIGHTS_MB = 20.0
+COMMITTED_MODELS_DIR = PROJECT_ROOT / "models"
+
+
+def weights_limit_for(out_dir: Path) -> float | None:
+    """The size limit (MB) for weights exported to ``out_dir``: ``MAX_WEIGHTS_MB`` inside the repository's
+    ``models/`` (they are committed), none elsewhere (experiment bundles in ``output/`` are git-ignored)."""
+    return MAX_WEIGHTS_MB if Path(out_dir).resolve().is_relative_to(COMMITTED_MODELS_DIR.resolve()) else None
 README_RELPATH = Path("docs") / "README.md"
 
 
@@ -243,13 +250,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--name", default=BUNDLE_NAME)
     p.add_argument("--no-test-time-mirror", action="store_true",
                    help="the application infers each slice once (no mirrored second pass, no disagreement score)")
-    p.add_argument("--max-weights-mb", type=float, default=MAX_WEIGHTS_MB,
-                   help=f"refuse larger weights (default {MAX_WEIGHTS_MB} MB, the limit for weights committed to the "
-                        "repository); 0: no limit, for experiment bundles kept outside models/")
+    p.add_argument("--max-weights-mb", type=float, default=None,
+                   help=f"refuse larger weights; default {MAX_WEIGHTS_MB} MB (the limit for weights committed to the "
+                        "repository) when --out is inside models/, no limit elsewhere; 0: no limit")
     args = p.parse_args(argv)
+    limit = weights_limit_for(args.out) if args.max_weights_mb is None else (args.max_weights_mb or None)
     print(export_bundle(args.checkpoint, args.out, version=args.version, name=args.name,
-                        test_time_mirror=not args.no_test_time_mirror,
-                        max_weights_mb=args.max_weights_mb or None))
+                        test_time_mirror=not args.no_test_time_mirror, max_weights_mb=limit))
     return 0
 
 

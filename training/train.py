@@ -338,9 +338,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.export and not finished:
         print("not exporting: the run has not reached --iterations yet", file=sys.stderr)
     elif args.export:
-        from training.export import export_bundle
+        from training.export import export_bundle, weights_limit_for
 
-        bundle = export_bundle(checkpoint, Path(args.export), version=args.version)
+        bundle = export_bundle(checkpoint, Path(args.export), version=args.version,
+                               max_weights_mb=weights_limit_for(Path(args.export)))
         print(f"bundle: {bundle}")
     return 0
 
