@@ -208,6 +208,41 @@ def viewport_texts(page) -> list[str]:
                          ".map(t => (t.textContent || '').trim()).filter(t => t)")
 
 
+def wait_for_viewport_texts(page, timeout_ms: int = 10_000) -> list[str]:
+    """The viewport's annotation texts once some are drawn; [] when none come within ``timeout_ms``."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
+    try:
+        page.wait_for_function("() => Array.from(document.querySelectorAll('svg text'))"
+                               ".some(t => (t.textContent || '').trim())", timeout=timeout_ms)
+    except PlaywrightTimeoutError:  # nothing drawn: the caller says what that means
+        return []
+    return viewport_texts(page)
+
+
+def scroll_away_and_back(page) -> None:
+    """Turn the mouse wheel over the first viewport one image on and one back, as a reader does;
+    the viewport then renders the same image again, with its annotations."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
+    index_js = "() => window.cornerstone.getRenderingEngines()[0].getViewports()[0].getCurrentImageIdIndex()"
+    centre = page.evaluate("""() => { const r = window.cornerstone.getRenderingEngines()[0].getViewports()[0]
+      .element.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; }""")
+    start = page.evaluate(index_js)
+    page.mouse.move(*centre)
+    for step in (120, -120):  # the last image cannot scroll on: go the other way and back
+        page.mouse.wheel(0, step)
+        try:
+            page.wait_for_function(f"(i) => ({index_js})() !== i", arg=start, timeout=5_000)
+        except PlaywrightTimeoutError:  # at the end of the stack
+            continue
+        page.mouse.wheel(0, -step)
+        page.wait_for_function(f"(i) => ({index_js})() === i", arg=start, timeout=5_000)
+        page.wait_for_timeout(1_000)
+        return
+    raise AssertionError("the mouse wheel did not scroll the viewport")
+
+
 def displayed_sop(page) -> str:
     return page.evaluate("() => {" + _viewport_state_js() + " return sop; }")
 

@@ -21,6 +21,8 @@ from pathlib import Path
 from app.node.net import free_tcp_port
 from peers import HOST, PROJECT_ROOT, Orthanc, start_dicomweb_archive
 
+#: screenshots, the report PDF and load times for the CI log (``build/viewer`` unless overridden)
+ARTEFACTS = Path(os.environ.get("PARASPINAL_VIEWER_ARTEFACTS", PROJECT_ROOT / "build" / "viewer"))
 OHIF_DIST = PROJECT_ROOT / "tests" / "viewer" / "node_modules" / "@ohif" / "app" / "dist"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
