@@ -18,7 +18,7 @@ from scipy import ndimage
 
 from paraspinal.model_bundle import load_bundle, parse_labels
 from training.data import REAL_DATA_DIR, LoadedCase, case_slices, real_cases, site_cases, to_model_space
-from training.labels import LABELS_JSON, NUM_CLASSES
+from training.labels import LABELS_JSON, NUM_CLASSES, label_name
 from training.losses import MarginalDiceCELoss
 from training.metrics import binary_metrics, label_metrics
 from training.postprocess import postprocess_labels
@@ -298,6 +298,27 @@ def test_evaluation_inference_returns_probabilities_on_the_source_grid(tiny_bund
     # per-slice scores, one per slice of the case (None where a label is not predicted)
     assert all(len(v) == 3 for v in uncertainty.entropy.values())
 
+
+def test_ensemble_of_a_model_with_itself_scores_as_the_model_alone(tiny_bundle: Path):
+    """The ensemble ablation averages softmax maps: two copies of one model are that model, mirrored
+    or not, and the passes per slice count every network run."""
+    from training.ensemble_ablation import ensemble_ablation
+
+    rng = np.random.default_rng(2)
+    affine = np.array([[-0.9, 0, 0, 100], [0, -0.9, 0, 90], [0, 0, 4.5, -20], [0, 0, 0, 1.0]])
+    label = np.zeros((70, 60, 3), np.uint8)
+    label[20:35, 30:45] = 1
+    label[38:52, 30:45] = 2
+    case = LoadedCase("toy", rng.uniform(0, 500, (70, 60, 3)).astype(np.float32), label, affine, (0, 1, 2), "toy")
+    bundle = load_bundle(tiny_bundle, "cpu")
+    rows = {r["variant"]: r for r in ensemble_ablation(case, {"a": bundle, "b": bundle})}
+    assert [r["passes_per_slice"] for r in rows.values()] == [1, 1, 2, 2, 2, 4]
+    for mirror in ("one pass", "mirrored"):
+        alone, ensemble = rows[f"a, {mirror}"], rows[f"ensemble of 2, {mirror} each"]
+        assert ensemble["per_label"] == alone["per_label"] == rows[f"b, {mirror}"]["per_label"]
+        assert set(alone["per_label"]) == {label_name(1), label_name(2)}
+        assert alone["multifidus_erector_spinae_mean"] == pytest.approx(np.mean(list(alone["per_label"].values())),
+                                                                       abs=1e-4)
 
 def test_neighbour_slices_become_channels_in_slice_order_with_the_edges_repeated():
     from paraspinal.preprocessing import with_neighbour_slices
