@@ -155,6 +155,24 @@ def test_identical_masks_and_unevaluated_labels():
     assert row["volume_ref_ml"] == pytest.approx(36 * 3 * 4 / 1000)
 
 
+
+def test_error_breakdown_tells_a_shifted_boundary_from_a_smaller_muscle():
+    from training.metrics import error_breakdown, error_breakdown_table
+
+    ref = np.zeros((20, 20, 2), dtype=np.uint8)
+    ref[2:10, 2:6] = 1  # multifidus R: 8 x 4 x 2 = 64 voxels
+    ref[2:10, 6:12] = 3  # erector spinae R beside it
+    pred = ref.copy()
+    pred[2:10, 6:7] = 1  # the boundary drawn one column into erector spinae: 16 voxels
+    pred[2:4, 2:6] = 0  # and multifidus drawn 2 rows shorter: 16 voxels missed to background
+    mf, es = error_breakdown(pred, ref, [1, 3])
+    assert (mf["ref_voxels"], mf["pred_voxels"]) == (64, 64)
+    assert mf["missed_to_background"] == 16 and mf["missed_to_other"] == {}
+    assert mf["extra_from_other"] == {3: 16} and mf["extra_from_background"] == 0
+    assert es["missed_to_other"] == {1: 16} and es["missed_to_background"] == 0
+    table = error_breakdown_table([mf, es])
+    assert "| multifidus R | 64 | 25.0 % | 0 % | 0.0 % | erector spinae R 25.0 % |" in table
+
 # ------------------------------------------------------------------ post-processing
 def test_postprocess_keeps_largest_component_and_fills_holes_into_background_only():
     labels = np.zeros((40, 40, 5), dtype=np.uint8)
@@ -298,6 +316,23 @@ def test_evaluation_inference_returns_probabilities_on_the_source_grid(tiny_bund
     # per-slice scores, one per slice of the case (None where a label is not predicted)
     assert all(len(v) == 3 for v in uncertainty.entropy.values())
 
+
+@needs_real
+def test_evaluation_reports_dice_and_where_the_errors_go_and_refuses_training_cases(tiny_bundle: Path,
+                                                                                   tmp_path: Path):
+    from training.evaluate import main as evaluate_main
+
+    assert evaluate_main(["--bundle", str(tiny_bundle), "--case", "musclemap_sub0001", "--out", str(tmp_path)]) == 2
+    assert evaluate_main(["--bundle", str(tiny_bundle), "--case", "myosegmentum_tum01", "--out", str(tmp_path)]) == 0
+    (case,) = json.loads((tmp_path / "evaluation.json").read_text())["cases"]
+    assert [r["label"] for r in case["errors"]] == [1, 2, 3, 4]  # the muscles tum01 labels
+    for errors, row in zip(case["errors"], case["rows"]):
+        assert errors["label"] == row["label"] and errors["ref_voxels"] > 0
+        missed = errors["missed_to_background"] + sum(errors["missed_to_other"].values())
+        true_positive = errors["ref_voxels"] - missed
+        assert row["dice"] == pytest.approx(2 * true_positive / (errors["ref_voxels"] + errors["pred_voxels"]),
+                                            abs=1e-4)
+    assert "Where the post-processed disagreement goes" in (tmp_path / "evaluation.md").read_text()
 
 def test_ensemble_of_a_model_with_itself_scores_as_the_model_alone(tiny_bundle: Path):
     """The ensemble ablation averages softmax maps: two copies of one model are that model, mirrored

@@ -42,7 +42,7 @@ from paraspinal.model_bundle import METADATA_RELPATH, ModelBundle, load_bundle, 
 from paraspinal.preprocessing import as_metatensor, model_space_transforms  # noqa: E402
 from paraspinal.segmentation import ModelInput, SliceUncertainty, infer_with_uncertainty  # noqa: E402
 from training.data import CaseError, LoadedCase, real_cases, site_cases  # noqa: E402
-from training.metrics import label_metrics, mean_row  # noqa: E402
+from training.metrics import error_breakdown, error_breakdown_table, label_metrics, mean_row  # noqa: E402
 from training.model_card import METRIC_COLUMNS, metric_table  # noqa: E402
 from training.postprocess import postprocess_labels  # noqa: E402
 
@@ -225,6 +225,7 @@ def evaluate_case(case: LoadedCase, bundle: ModelBundle, out_dir: Path,
         "spacing_mm": [round(s, 4) for s in case.spacing_mm], "shape": list(case.image.shape),
         "inference_s": round(seconds, 1),
         "rows": rows + [mean_row(rows)], "raw_rows": raw_rows + [mean_row(raw_rows)],
+        "errors": error_breakdown(post, case.label, labels),
         "figure": figure.name, "test_time_mirror": bundle.test_time_mirror, "stack_length": stack_length,
         "slices": slice_records(case, post, uncertainty, labels),
     }
@@ -264,6 +265,10 @@ def write_reports(results: list[dict[str, Any]], bundle: ModelBundle, out_dir: P
             "Raw arg-max (no post-processing):",
             "",
             metric_table(result["raw_rows"]),
+            "",
+            "Where the post-processed disagreement goes (% of each muscle's reference volume):",
+            "",
+            error_breakdown_table(result["errors"]),
             "",
             f"![overlay]({result['figure']})",
             "",

@@ -89,3 +89,49 @@ def mean_row(rows: Sequence[dict[str, Any]], name: str = "mean") -> dict[str, An
         values = [r[key] for r in rows if r.get(key) is not None]
         out[key] = float(np.mean(values)) if values else None
     return out
+
+
+def error_breakdown(pred: np.ndarray, ref: np.ndarray, labels: Sequence[int]) -> list[dict[str, Any]]:
+    """Where each label's disagreement goes, in voxels of the same grid (no spacing needed).
+
+    Per label ``l`` in ``labels``: ``ref_voxels``; ``missed_to_background``: reference ``l`` the
+    prediction calls background; ``missed_to_other``: reference ``l`` called another label,
+    ``{label: voxels}``; ``extra_from_background``: predicted ``l`` where the reference says
+    background (in a case that leaves a muscle unlabelled this includes that muscle);
+    ``extra_from_other``: predicted ``l`` inside another reference label. Tells a boundary drawn
+    elsewhere between two muscles (other) from a muscle drawn larger or smaller (background).
+    """
+    pred = np.asarray(pred)
+    ref = np.asarray(ref)
+    rows = []
+    for label in labels:
+        in_ref, in_pred = ref == label, pred == label
+        missed, extra = pred[in_ref & ~in_pred], ref[in_pred & ~in_ref]
+        rows.append({
+            "label": int(label), "name": label_name(int(label)), "ref_voxels": int(in_ref.sum()),
+            "pred_voxels": int(in_pred.sum()),
+            "missed_to_background": int((missed == 0).sum()),
+            "missed_to_other": {int(v): int(n) for v, n in zip(*np.unique(missed[missed != 0], return_counts=True))},
+            "extra_from_background": int((extra == 0).sum()),
+            "extra_from_other": {int(v): int(n) for v, n in zip(*np.unique(extra[extra != 0], return_counts=True))},
+        })
+    return rows
+
+
+def error_breakdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown: per label, the share of its reference voxels missed (to background, to each other
+    label) and its predicted voxels' excess (from background, from other labels), in % of the
+    reference volume."""
+    lines = ["| label | reference voxels | missed to background | missed to other muscles | extra from background "
+             "| extra from other muscles |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        n = max(r["ref_voxels"], 1)
+
+        def others(counts: dict[int, int]) -> str:
+            return ", ".join(f"{label_name(k)} {100 * v / n:.1f} %" for k, v in sorted(counts.items())) or "0 %"
+
+        lines.append(f"| {r['name']} | {r['ref_voxels']} | {100 * r['missed_to_background'] / n:.1f} % | "
+                     f"{others(r['missed_to_other'])} | {100 * r['extra_from_background'] / n:.1f} % | "
+                     f"{others(r['extra_from_other'])} |")
+    return "\n".join(lines)
+
