@@ -28,7 +28,7 @@ import numpy as np
 
 from paraspinal.model_bundle import ModelBundle, load_bundle
 from training.data import LoadedCase, real_cases
-from training.evaluate import predict_probabilities
+from training.evaluate import predict_probabilities, training_cases
 from training.metrics import label_metrics
 from training.postprocess import postprocess_labels
 
@@ -98,9 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: unknown case {args.case!r}; known: {sorted(registry)}", file=sys.stderr)
         return 2
     for name, bundle in bundles.items():
-        training = bundle.metadata.get("training", {})
-        trained_on = set(training.get("cases", [])) | {e.split(": ")[0] for e in training.get("data", [])}
-        if args.case in trained_on:
+        if args.case in training_cases(bundle):
             print(f"error: {args.case} is in {name}'s training data; held-out figures only", file=sys.stderr)
             return 2
     case = registry[args.case].load()

@@ -75,6 +75,13 @@ def predict_probabilities(case: LoadedCase, bundle: ModelBundle) -> tuple[np.nda
     return out, uncertainty
 
 
+def training_cases(bundle: ModelBundle) -> set[str]:
+    """Case ids the bundle was trained on (its metadata's training cases and data lines): never
+    evaluated on, a figure there would be meaningless."""
+    training = bundle.metadata.get("training", {})
+    return set(training.get("cases", [])) | {entry.split(": ")[0] for entry in training.get("data", [])}
+
+
 def slice_records(case: LoadedCase, pred: np.ndarray, uncertainty: SliceUncertainty,
                   labels: Sequence[int]) -> list[dict[str, Any]]:
     """One record per (label, axial slice K) where the reference or the prediction has the label:
@@ -319,8 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bundle = load_bundle(args.bundle, "cpu")
     if args.test_time_mirror != "bundle":
         bundle = dataclasses.replace(bundle, test_time_mirror=args.test_time_mirror == "on")
-    training = bundle.metadata.get("training", {})
-    trained_on = set(training.get("cases", [])) | {entry.split(": ")[0] for entry in training.get("data", [])}
+    trained_on = training_cases(bundle)
     registry: dict[str, Any] = dict(real_cases())
     if args.data_dir:
         registry.update(site_cases(args.data_dir))
