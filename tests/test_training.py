@@ -303,6 +303,29 @@ def test_resume_continues_exactly(tmp_path: Path):
         assert torch.equal(value, split["model"][key]), key
 
 
+def test_warm_restart_records_the_run_it_continues_in_the_card(tmp_path: Path):
+    if not HAS_REAL:
+        pytest.skip("shared real fixtures not present")
+    from training.model_card import render_model_card
+    from training.train import main
+
+    common = ["--cases", "myosegmentum_tum01", "--holdout", "--checkpoint-every", "2", *TINY]
+    assert main(["--out", str(tmp_path / "first"), "--iterations", "2", "--seed", "3", *common]) == 0
+    first = tmp_path / "first" / "checkpoint.pt"
+    assert main(["--out", str(tmp_path / "restart"), "--iterations", "2", "--lr", "5e-4", "--init", str(first),
+                 "--export", str(tmp_path / "bundle"), *common]) == 0
+    first_run = torch.load(str(first), weights_only=False)
+    recipe = load_bundle(tmp_path / "bundle", "cpu").metadata["training"]["recipe"]
+    assert recipe["init"] == str(first)
+    assert recipe["init_run"]["iterations"] == 2 and recipe["init_run"]["seed"] == 3
+    assert recipe["init_run"]["lr"] == 1e-3 and recipe["init_run"]["init"] is None
+    assert recipe["init_run"]["train_loop_s"] == round(first_run["elapsed_s"], 1)
+    card = render_model_card(load_bundle(tmp_path / "bundle", "cpu").metadata)
+    assert "an earlier run of 2 iterations (seed 3, lr 0.001, cosine schedule, the same data)" in card
+    assert "itself started from random (MONAI default initialisation)" in card
+    assert "min for the run(s) it continues" in card
+
+
 def test_evaluation_inference_returns_probabilities_on_the_source_grid(tiny_bundle: Path):
     from training.evaluate import predict_probabilities
 

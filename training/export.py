@@ -129,6 +129,7 @@ def training_entry(checkpoint: dict[str, Any]) -> dict[str, Any]:
                 "dixon_contrasts_p": float(config.get("dixon_contrasts", 0.0)),
             },
             "init": config.get("init_checkpoint"),
+            "init_run": checkpoint.get("init_provenance"),
             "selection": "last iterate (no validation data was used for model selection)",
         },
         "seed": config["seed"],

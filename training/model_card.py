@@ -74,6 +74,32 @@ def default_limits(context_slices: int = 0) -> tuple[str, ...]:
     return tuple(text if entry == SLICE_CONTEXT_LIMIT_2D else entry for entry in DEFAULT_LIMITS)
 
 
+def describe_init(init: str | None, run: dict[str, Any] | None, data: list[str]) -> str:
+    """Card text for a run's start weights: random, a bundle, or (a warm restart or fine-tune of
+    a training run) that run, its settings and its own start, recursively."""
+    if not init:
+        return "random (MONAI default initialisation)"
+    if not run:
+        return str(init)
+    if "bundle" in run:
+        return f"bundle {run.get('bundle')} {run.get('version')} ({init})"
+    same = list(run.get("data", [])) == list(data)
+    return (f"the final weights of an earlier run of {run.get('iterations')} iterations (seed {run.get('seed')}, "
+            f"lr {run.get('lr')}, {run.get('lr_schedule')} schedule, "
+            f"{'the same data' if same else 'data: ' + '; '.join(run.get('data', []))}), itself started from "
+            f"{describe_init('a training checkpoint' if run.get('init') else None, run.get('init'), run.get('data', []))}; "
+            f"this run continues them on a new schedule ({init})")
+
+
+def earlier_minutes(run: dict[str, Any] | None) -> float:
+    """Training-loop minutes of the run(s) a run continues (0 for a bundle or random start)."""
+    total = 0.0
+    while run and "bundle" not in run:
+        total += float(run.get("train_loop_s", 0.0)) / 60.0
+        run = run.get("init")
+    return total
+
+
 def _fmt(value: Any, pattern: str) -> str:
     if value is None or (isinstance(value, float) and value != value):
         return "n/a"
@@ -142,10 +168,12 @@ def _training_section(training: dict[str, Any]) -> list[str]:
         + (f"; Dixon contrast synthesis from water and fat (RandDixonContrastd) p={aug['dixon_contrasts_p']}"
            if aug.get("dixon_contrasts_p") else "") + ".",
         f"- Model selection: {recipe.get('selection')}.",
-        f"- Initial weights: {recipe.get('init') or 'random (MONAI default initialisation)'}.",
+        f"- Initial weights: {describe_init(recipe.get('init'), recipe.get('init_run'), training.get('data', []))}.",
         f"- Final training loss (mean of the last 100 iterations): {training.get('final_loss_mean_last_100')}.",
-        f"- Training time: {training.get('time', {}).get('train_loop_min')} min (training loop) on "
-        f"{training.get('machine')}.",
+        f"- Training time: {training.get('time', {}).get('train_loop_min')} min (training loop)"
+        + (f", after {earlier_minutes(recipe.get('init_run')):.1f} min for the run(s) it continues"
+           if earlier_minutes(recipe.get('init_run')) else "")
+        + f" on {training.get('machine')}.",
         "",
     ]
     return lines

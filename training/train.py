@@ -180,6 +180,27 @@ def load_initial_weights(network: torch.nn.Module, source: str) -> None:
                         f"--context-slices must match): {str(exc).splitlines()[0]}") from exc
 
 
+def init_provenance(source: str) -> dict[str, Any]:
+    """Where a run's start weights come from, for the model card.
+
+    A training checkpoint (a warm restart, or a fine-tune of a run): that run's length, seed,
+    learning rate, schedule, training-loop time and data, and its own start, recursively; a bundle
+    folder: the bundle's name and version.
+    """
+    path = Path(source)
+    if path.is_dir():
+        meta_path = path / "configs" / "metadata.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        return {"bundle": meta.get("name", path.name), "version": meta.get("version")}
+    state = torch.load(str(path), map_location="cpu", weights_only=False)
+    config = state.get("config", {})
+    return {
+        "iterations": int(state.get("iteration", 0)), "seed": config.get("seed"), "lr": config.get("lr"),
+        "lr_schedule": config.get("lr_schedule"), "train_loop_s": round(float(state.get("elapsed_s", 0.0)), 1),
+        "data": list(state.get("data", [])), "init": state.get("init_provenance"),
+    }
+
+
 def sampling_weights(items: list[dict[str, Any]], real_fraction: float) -> torch.Tensor:
     """Per-slice sampling weights so that real slices make up ``real_fraction`` of the draws.
 
@@ -252,8 +273,10 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, stop
 
     definition = network_def(tuple(config.channels), head=config.head, in_channels=1 + 2 * config.context_slices)
     network = build_network(definition)
+    provenance: dict[str, Any] | None = None
     if config.init_checkpoint and state is None:
         load_initial_weights(network, config.init_checkpoint)
+        provenance = init_provenance(config.init_checkpoint)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     loss_fn = MarginalDiceCELoss(batch=config.dice == "batch", lambda_side_agnostic=config.side_agnostic)
     iteration, elapsed, history = 0, 0.0, []
@@ -263,12 +286,14 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, stop
         optimizer.load_state_dict(state["optimizer"])
         iteration, elapsed, history = state["iteration"], state["elapsed_s"], state["history"]
         class_dice = state.get("class_dice", [])
+        provenance = state.get("init_provenance")
 
     def save(path: Path) -> None:
         torch.save({
             "config": asdict(config), "model": network.state_dict(), "optimizer": optimizer.state_dict(),
             "iteration": iteration, "elapsed_s": elapsed, "history": history, "class_dice": class_dice,
             "network_def": definition, "data": [s.summary for s in sets], "num_slices": len(items),
+            "init_provenance": provenance,
             "machine": machine_description(config.threads),
             "versions": {"monai": monai.__version__, "torch": torch.__version__},
         }, str(path) + ".tmp")
