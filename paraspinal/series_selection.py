@@ -86,6 +86,37 @@ def _float(ds: Dataset, keyword: str) -> float | None:
     return number if number is not None and math.isfinite(number) else None
 
 
+def _values(ds: Dataset, keyword: str) -> list[str]:
+    """A CS attribute's values, upper case, stripped (a single value as a list of one)."""
+    value = ds.get(keyword)
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else list(value)  # pydicom MultiValue for several
+    return [str(v).strip().upper() for v in items if str(v).strip()]
+
+
+def fat_suppression(header: Dataset) -> str | None:
+    """Why the header says fat is suppressed or the contrast is inversion-prepared, or None.
+
+    Judged from acquisition attributes, never the description: ScanOptions FS (the defined term
+    for fat saturation, PS3.3 C.8.3.1), SpectrallySelectedSuppression FAT / FAT_AND_WATER
+    (Enhanced MR, MR Modifier macro), ScanningSequence IR or InversionRecovery YES (STIR and SPAIR
+    null fat; FLAIR nulls fluid: neither is the plain T2 the model and the fat measurement expect).
+    """
+    if "FS" in _values(header, "ScanOptions"):
+        return "ScanOptions FS (fat saturation)"
+    suppression = _values(header, "SpectrallySelectedSuppression")
+    if any(v in ("FAT", "FAT_AND_WATER") for v in suppression):
+        return f"SpectrallySelectedSuppression {'/'.join(suppression)}"
+    ti = _float(header, "InversionTime")
+    ti_text = f", InversionTime {ti:g} ms" if ti is not None else ""
+    if "IR" in _values(header, "ScanningSequence"):
+        return f"inversion recovery (ScanningSequence {'/'.join(_values(header, 'ScanningSequence'))}{ti_text})"
+    if "YES" in _values(header, "InversionRecovery"):
+        return f"inversion recovery (InversionRecovery YES{ti_text})"
+    return None
+
+
 def _name(series: SeriesRecord) -> str:
     """How a reason names a series: by its number (what a person sees in the viewer)."""
     return f"series {series.series_number or series.series_uid}"
@@ -139,6 +170,10 @@ def judge_series(series: SeriesRecord, rules: SelectionRules) -> SeriesDecision:
     if te < rules.min_echo_time_ms or tr < rules.min_repetition_time_ms:
         return reject(f"not T2-weighted: TE {te:g} ms, TR {tr:g} ms (need TE >= {rules.min_echo_time_ms:g}, "
                       f"TR >= {rules.min_repetition_time_ms:g})")
+    suppressed = fat_suppression(first) if rules.exclude_fat_suppressed else None
+    if suppressed:
+        return reject(f"fat-suppressed or inversion-prepared: {suppressed}; fat cannot be measured on it and the "
+                      "model was trained on T2 without fat suppression")
     try:
         plans = plan_stacks(series, rules.stack_orientation_tolerance_deg)
     except StackError as exc:

@@ -24,6 +24,10 @@ class SelectionRules:
     preferred_description_words: tuple[str, ...]
     avoided_description_words: tuple[str, ...]
     stack_orientation_tolerance_deg: float
+    # Fat-suppressed (ScanOptions FS, spectral fat suppression) and inversion-recovery (STIR,
+    # SPAIR, FLAIR) series are never analysed: fat cannot be measured on them and the model
+    # was trained on T2 without fat suppression.
+    exclude_fat_suppressed: bool = True
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,78 @@ def test_dixon_water_image_marked_in_image_type_is_not_taken_as_the_t2(mixed_stu
     assert "Dixon water image" in selection.decisions[0].reason
 
 
+# ---- fat suppression and inversion recovery ----------------------------------------------------
+
+
+def _edited_copy(paths, folder, **attributes) -> None:
+    import pydicom
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        for keyword, value in attributes.items():
+            setattr(ds, keyword, value)
+        ds.save_as(folder / path.name)
+
+
+def test_a_fat_saturated_t2_beside_the_plain_one_is_never_chosen_even_with_the_better_description(
+        mixed_study, config, tmp_path):
+    """Same timing, same geometry, more slices and a description scoring higher: the header's
+    ScanOptions FS still rules it out, and the plain T2 is chosen."""
+    import shutil
+
+    shutil.copytree(mixed_study.root, tmp_path / "study")
+    _copy_series(mixed_study.t2_paths, tmp_path / "fs_tmp", 9)
+    _edited_copy(sorted((tmp_path / "fs_tmp").glob("*.dcm")), tmp_path / "study" / "fs",
+                 ScanOptions=["PFP", "FS"], SeriesDescription="t2_tse_fs_tra axial")
+    selection = select_series(only_study(tmp_path / "study"), config.selection)
+    assert selection.chosen is not None and selection.chosen.series_uid == mixed_study.t2_series_uid
+    (fs,) = [d for d in selection.decisions if d.series_number == "9"]
+    assert not fs.accepted and "ScanOptions FS (fat saturation)" in fs.reason, fs.reason
+
+
+@pytest.mark.parametrize("attributes, words", [
+    ({"ScanOptions": "FS"}, "ScanOptions FS"),
+    ({"ScanningSequence": ["SE", "IR"], "InversionTime": 150}, "inversion recovery (ScanningSequence SE/IR, "
+                                                               "InversionTime 150 ms)"),
+], ids=["fat_saturation", "stir"])
+def test_a_study_whose_only_axial_t2_is_fat_suppressed_gets_no_series_and_says_why(mixed_study, config, tmp_path,
+                                                                                  attributes, words):
+    _edited_copy(mixed_study.t2_paths, tmp_path, **attributes)
+    selection = select_series(only_study(tmp_path), config.selection)
+    assert selection.chosen is None and selection.reason.startswith(NO_SERIES_REASON)
+    reason = selection.decisions[0].reason
+    assert reason.startswith("fat-suppressed or inversion-prepared: ") and words in reason, reason
+    assert "fat cannot be measured" in reason
+    # a site that wants them anyway says so in its configuration
+    allowed = select_series(only_study(tmp_path), replace(config.selection, exclude_fat_suppressed=False))
+    assert allowed.chosen is not None
+
+
+def test_enhanced_mr_spectral_fat_suppression_reaches_each_frame_and_rules_it_out():
+    """Enhanced MR carries fat suppression in the MR Modifier macro of the functional groups."""
+    from pydicom.dataset import Dataset
+
+    from paraspinal.enhanced_mr import frame_headers
+    from paraspinal.series_selection import fat_suppression
+
+    modifier = Dataset()
+    modifier.SpectrallySelectedSuppression = "FAT"
+    modifier.InversionRecovery = "NO"
+    shared = Dataset()
+    shared.MRModifierSequence = [modifier]
+    header = Dataset()
+    header.NumberOfFrames = 2
+    header.SharedFunctionalGroupsSequence = [shared]
+    header.PerFrameFunctionalGroupsSequence = [Dataset(), Dataset()]
+    frames = frame_headers(header)
+    assert [fat_suppression(f) for f in frames] == ["SpectrallySelectedSuppression FAT"] * 2
+    modifier.SpectrallySelectedSuppression = "NONE"
+    assert fat_suppression(frame_headers(header)[0]) is None
+    modifier.InversionRecovery = "YES"
+    assert fat_suppression(frame_headers(header)[0]) == "inversion recovery (InversionRecovery YES)"
+
+
 # ---- odd geometry and unreadable headers --------------------------------------------------------
 
 
