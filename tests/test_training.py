@@ -303,6 +303,27 @@ def test_resume_continues_exactly(tmp_path: Path):
         assert torch.equal(value, split["model"][key]), key
 
 
+def test_weight_average_of_two_bundles_is_their_element_wise_mean(tiny_bundle: Path, tmp_path: Path):
+    import shutil
+
+    from training.average_weights import average_bundles, main
+
+    shifted = tmp_path / "shifted"
+    shutil.copytree(tiny_bundle, shifted)
+    model = torch.jit.load(str(shifted / "models" / "model.ts"))
+    state = {k: v + 1.0 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    torch.jit.save(model, str(shifted / "models" / "model.ts"))
+    out = average_bundles([tiny_bundle, shifted], tmp_path / "average")
+    original = torch.jit.load(str(tiny_bundle / "models" / "model.ts")).state_dict()
+    averaged = load_bundle(out, "cpu")
+    for key, value in averaged.network.state_dict().items():
+        expected = original[key] + 0.5 if original[key].is_floating_point() else original[key]
+        assert torch.allclose(value, expected, atol=1e-6), key
+    assert averaged.metadata["weights_average"]["of"] == [str(tiny_bundle), str(shifted)]
+    assert main([str(tiny_bundle), "--out", str(tmp_path / "one")]) == 2  # one bundle is no average
+
+
 def test_warm_restart_records_the_run_it_continues_in_the_card(tmp_path: Path):
     if not HAS_REAL:
         pytest.skip("shared real fixtures not present")
