@@ -68,8 +68,11 @@ def default_limits(context_slices: int = 0) -> tuple[str, ...]:
     text = (f"2.5D model: each slice is segmented with {context_slices} neighbour slice(s) on each side as input "
             "channels, trained on slice spacings of 3.6-5.3 mm (real: 4.0 and 4.4 mm); much thicker slices or gaps "
             "between slices were not measured. At the ends of a stack the edge slice stands in for its missing "
-            "neighbour, as in training at the ends of each volume (held-out Dice with the volume cut into stacks of "
-            "4 slices: model card). Slices far outside L1-S1 are out of scope and may receive spurious labels "
+            "neighbour, as in training at the ends of each volume. Series acquired as short stacks (3 slices per "
+            "disc) measured lower than whole volumes (0.5.0 recipe: 0.746 vs 0.792 in fold A, 0.567 vs 0.584 in "
+            "fold B; model card, 'Short stacks'): within 3 slices the largest-component rule can keep a false "
+            "island of the muscle's size (bowel, in the held-out volume) instead of the muscle, so such outlines "
+            "need a closer look. Slices far outside L1-S1 are out of scope and may receive spurious labels "
             "(post-processing keeps the largest 3D component per muscle).")
     return tuple(text if entry == SLICE_CONTEXT_LIMIT_2D else entry for entry in DEFAULT_LIMITS)
 
