@@ -149,6 +149,22 @@ def test_a_study_whose_only_axial_t2_is_fat_suppressed_gets_no_series_and_says_w
     assert allowed.chosen is not None
 
 
+def test_a_real_siemens_fat_saturated_header_is_recognised():
+    """The one genuine vendor MR header at hand (Siemens VIBE, ScanOptions SAT2\\FS)."""
+    import pydicom
+
+    from paraspinal.nifti_to_dicom import DEFAULT_REAL_DATA_DIR
+    from paraspinal.series_selection import fat_suppression
+
+    path = DEFAULT_REAL_DATA_DIR / "pydicom_mr_siemens_axial_abdomen_t1.dcm"
+    if not path.is_file():
+        pytest.skip("shared real fixtures not present")
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    assert fat_suppression(header) == "ScanOptions FS (fat saturation)"
+    del header.ScanOptions
+    assert fat_suppression(header) is None
+
+
 def test_enhanced_mr_spectral_fat_suppression_reaches_each_frame_and_rules_it_out():
     """Enhanced MR carries fat suppression in the MR Modifier macro of the functional groups."""
     from pydicom.dataset import Dataset
