@@ -78,20 +78,26 @@ def default_limits(context_slices: int = 0) -> tuple[str, ...]:
 
 
 def describe_init(init: str | None, run: dict[str, Any] | None, data: list[str]) -> str:
-    """Card text for a run's start weights: random, a bundle, or (a warm restart or fine-tune of
-    a training run) that run, its settings and its own start, recursively."""
+    """Card text for a run's start weights (``init``: the --init path; ``run``: its provenance,
+    :func:`training.train.init_provenance`): random, a bundle, or (a warm restart or fine-tune of a
+    training run) that run, its settings and its own start, recursively."""
     if not init:
         return "random (MONAI default initialisation)"
     if not run:
         return str(init)
+    return f"{_describe_start(run, data)} ({init})"
+
+
+def _describe_start(run: dict[str, Any] | None, data: list[str]) -> str:
+    if not run:
+        return "random (MONAI default initialisation)"
     if "bundle" in run:
-        return f"bundle {run.get('bundle')} {run.get('version')} ({init})"
+        return f"bundle {run.get('bundle')} {run.get('version')}"
     same = list(run.get("data", [])) == list(data)
     return (f"the final weights of an earlier run of {run.get('iterations')} iterations (seed {run.get('seed')}, "
             f"lr {run.get('lr')}, {run.get('lr_schedule')} schedule, "
             f"{'the same data' if same else 'data: ' + '; '.join(run.get('data', []))}), itself started from "
-            f"{describe_init('a training checkpoint' if run.get('init') else None, run.get('init'), run.get('data', []))}; "
-            f"this run continues them on a new schedule ({init})")
+            f"{_describe_start(run.get('init'), run.get('data', []))}; this run continues them on a new schedule")
 
 
 def earlier_minutes(run: dict[str, Any] | None) -> float:
