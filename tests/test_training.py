@@ -324,6 +324,50 @@ def test_weight_average_of_two_bundles_is_their_element_wise_mean(tiny_bundle: P
     assert main([str(tiny_bundle), "--out", str(tmp_path / "one")]) == 2  # one bundle is no average
 
 
+def test_field_of_view_crop_keeps_the_muscles_renormalises_and_sets_the_pad_value():
+    from training.transforms import RandFieldOfViewd
+
+    rng = np.random.default_rng(0)
+    image = torch.zeros(3, 400, 400)
+    image[:, 40:360, 60:340] = torch.from_numpy(rng.normal(5.0, 2.0, (3, 320, 280)).astype(np.float32))
+    label = torch.zeros(1, 400, 400, dtype=torch.int64)
+    label[0, 180:220, 150:190] = 3  # the muscles, posterior (low axis-1 index) of the centre
+    item = {"image": image, "label": label, "labelled": torch.ones(NUM_CLASSES), "pad_value": 0.0}
+    transform = RandFieldOfViewd(prob=1.0, fov_mm=(150.0, 150.0))
+    transform.set_random_state(3)
+    out = transform(item)
+    assert tuple(out["image"].shape) == (3, 150, 150) and tuple(out["label"].shape) == (1, 150, 150)
+    assert int((out["label"] == 3).sum()) == 40 * 40  # the muscles stay whole inside the field of view
+    middle = out["image"][1][out["image"][1] != 0]
+    assert abs(float(middle.mean())) < 1e-4 and abs(float(middle.std()) - 1.0) < 1e-3
+    assert out["pad_value"] == float(out["image"].min())
+    never = RandFieldOfViewd(prob=0.0)
+    assert never(item)["image"] is image
+
+
+@needs_real
+def test_evaluation_on_a_clinical_field_of_view_crops_around_the_spine(tiny_bundle: Path, tmp_path: Path):
+    from training.data import real_cases
+    from training.evaluate import field_of_view, main
+
+    case = dict(real_cases())["myosegmentum_tum01"].load()
+    crop = field_of_view(case, 160.0)
+    assert crop.image.shape[:2] == (157, 157) and crop.image.shape[2] == case.image.shape[2]
+    assert int((crop.label > 0).sum()) == int((case.label > 0).sum())  # every muscle voxel inside
+    # the crop's affine places its voxels where they were: crop voxel (0, 0, 0) is a case voxel
+    # whose block of the crop's size holds the crop's intensities
+    origin = np.linalg.solve(case.affine_ras, crop.affine_ras @ np.array([0.0, 0.0, 0.0, 1.0]))[:3]
+    i, j, k = (int(round(v)) for v in origin)
+    assert np.allclose(origin, (i, j, k), atol=1e-4) and k == 0
+    assert np.array_equal(case.image[i:i + 157, j:j + 157], crop.image)
+    out = tmp_path / "fov"
+    assert main(["--bundle", str(tiny_bundle), "--case", "myosegmentum_tum01", "--fov-mm", "160",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["cases"][0]["fov_mm"] == 160.0 and report["cases"][0]["shape"][:2] == [157, 157]
+    assert "160 mm field of view" in (out / "evaluation.md").read_text()
+
+
 def test_warm_restart_records_the_run_it_continues_in_the_card(tmp_path: Path):
     if not HAS_REAL:
         pytest.skip("shared real fixtures not present")

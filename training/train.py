@@ -64,6 +64,7 @@ class TrainConfig:
     geometry: str = "basic"
     label_synthesis: float = 0.0
     dixon_contrasts: float = 0.0
+    fov_crop: float = 0.0  # probability of a clinical field-of-view crop (RandFieldOfViewd)
     channels: list[int] = field(default_factory=lambda: list(DEFAULT_CHANNELS))
     head: bool = False
     context_slices: int = 0  # 2.5D: neighbour slices on each side as extra input channels
@@ -101,6 +102,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse
                    help="probability of re-drawing a slice from its tissue map (SynthSeg-style)")
     p.add_argument("--dixon-contrasts", type=float, default=0.0,
                    help="probability of re-mixing a Dixon case's water and fat into another contrast")
+    p.add_argument("--fov-crop", type=float, default=0.0,
+                   help="probability of cropping a slice to a clinical 140-260 mm field of view around the spine")
     p.add_argument("--channels", type=int, nargs="+", default=list(DEFAULT_CHANNELS))
     p.add_argument("--head", action="store_true",
                    help="1x1-conv classification head on channels[0] UNet features (see training.network)")
@@ -129,6 +132,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse
         weight_decay=args.weight_decay, lr_schedule=args.lr_schedule, dice=args.dice,
         side_agnostic=args.side_agnostic, augmentation=args.augmentation,
         geometry=args.geometry, label_synthesis=args.label_synthesis, dixon_contrasts=args.dixon_contrasts,
+        fov_crop=args.fov_crop,
         channels=list(args.channels), head=args.head, context_slices=args.context_slices, seed=args.seed, checkpoint_every=args.checkpoint_every,
         threads=args.threads, init_checkpoint=args.init_checkpoint,
     )
@@ -261,14 +265,15 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, stop
         saved = TrainConfig(**state["config"])
         # Only the length of the run may change on resume; anything else would be another run.
         for key in ("cases", "holdout", "synthetic", "real_fraction", "batch_size", "lr", "dice", "side_agnostic", "augmentation",
-                    "geometry", "label_synthesis", "dixon_contrasts", "channels", "head", "context_slices", "seed"):
+                    "geometry", "label_synthesis", "dixon_contrasts", "fov_crop", "channels", "head", "context_slices",
+                    "seed"):
             if getattr(saved, key) != getattr(config, key):
                 raise SystemExit(f"--resume: {key} differs from the checkpoint ({getattr(saved, key)!r})")
     sets = collect_slices(config)
     items = [item for s in sets for item in s.items]
     weights = sampling_weights(items, config.real_fraction)
     transforms = train_transforms(MODEL_SPEC.roi_size, config.augmentation, config.geometry,
-                                  config.label_synthesis, config.dixon_contrasts)
+                                  config.label_synthesis, config.dixon_contrasts, config.fov_crop)
     dataset = CacheDataset(items, transform=transforms, cache_rate=1.0, num_workers=0, progress=False)
 
     definition = network_def(tuple(config.channels), head=config.head, in_channels=1 + 2 * config.context_slices)

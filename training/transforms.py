@@ -169,6 +169,59 @@ def _zscore_nonzero(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+class RandFieldOfViewd(RandomizableTransform, MapTransform):
+    """A clinical field of view: the slice cropped in-plane to a random rectangle around the spine.
+
+    Clinical axial lumbar T2 is often acquired with a 160-220 mm field of view centred on the
+    spinal canal, where the training volumes show the whole trunk (up to 400 mm). A network that
+    only saw whole trunks can fail outright on the small field of view (model card, 'Field of
+    view'). The crop is ``fov_mm`` wide (left-right, model axis 0, 1 mm pixels) and at most as
+    high (anterior-posterior, axis 1), centred on the labelled muscles moved up to 40 mm anterior
+    (towards the canal) with +-15 mm jitter; then, as the application does with such a volume,
+    re-z-scored over the crop's non-zero voxels (the zeros the volume's z-score kept stay 0; the
+    centre channel's statistics for every channel, as one volume's statistics serve all of a 2.5D
+    input's channels) and ``pad_value`` set to the crop's minimum, which the inferer pads with.
+    """
+
+    def __init__(self, prob: float = 0.5, fov_mm: tuple[float, float] = (140.0, 260.0)):
+        RandomizableTransform.__init__(self, prob=prob)
+        MapTransform.__init__(self, ("image", "label"))
+        if not 0 < fov_mm[0] <= fov_mm[1]:
+            raise ValueError(f"fov_mm must be 0 < low <= high, got {fov_mm!r}")
+        self.fov_mm = fov_mm
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize(None)
+        width = self.R.uniform(*self.fov_mm)
+        height = self.R.uniform(self.fov_mm[0], width)
+        anterior, jitter = self.R.uniform(0.0, 40.0), self.R.uniform(-15.0, 15.0, size=2)
+        if not self._do_transform:
+            return d
+        image, label = torch.as_tensor(d["image"]), torch.as_tensor(d["label"])
+        shape = image.shape[1:]
+        where = torch.nonzero(label[0] > 0)
+        centre = where.float().mean(0).numpy() if len(where) else np.array(shape, dtype=float) / 2.0
+        centre = centre + np.array([0.0, anterior]) + jitter
+        box = []
+        for axis, size in enumerate((width, height)):
+            n = shape[axis]
+            if n <= size:
+                box.append(slice(0, n))
+                continue
+            start = int(np.clip(round(centre[axis] - size / 2.0), 0, n - round(size)))
+            box.append(slice(start, start + int(round(size))))
+        image, label = image[:, box[0], box[1]], label[:, box[0], box[1]]
+        middle = image[image.shape[0] // 2]
+        values = middle[middle != 0]
+        if values.numel() > 1:
+            mean, std = values.mean(), values.std().clamp_min(1e-6)
+            image = torch.where(image != 0, (image - mean) / std, torch.zeros_like(image))
+        d["image"], d["label"] = image.contiguous(), label.contiguous()
+        d["pad_value"] = float(image.min())
+        return d
+
+
 class RandDixonContrastd(RandomizableTransform, MapTransform):
     """Many contrasts from one Dixon acquisition: the image is re-made from the item's
     ``water`` W and ``fat`` F (model space, own units) and z-scored as the application does.
@@ -262,7 +315,7 @@ class RandLabelSynthd(RandomizableTransform, MapTransform):
 
 
 def train_transforms(roi: tuple[int, int], augmentation: str = "contrast", geometry: str = "basic",
-                     label_synthesis: float = 0.0, dixon_contrasts: float = 0.0) -> Compose:
+                     label_synthesis: float = 0.0, dixon_contrasts: float = 0.0, fov_crop: float = 0.0) -> Compose:
     """Slice item -> 256x256 training patch (list of one dict, from the pos/neg crop).
 
     Geometric augmentation is always on: with a handful of training volumes it is what
@@ -271,7 +324,8 @@ def train_transforms(roi: tuple[int, int], augmentation: str = "contrast", geome
     variety: rotation +-17 deg, scale +-25 % per axis (anisotropic), shear +-0.1 (p=0.7),
     and an elastic deformation (p=0.25). ``augmentation`` selects the contrast augmentation
     on top; ``dixon_contrasts`` / ``label_synthesis`` are the probabilities of
-    :class:`RandDixonContrastd` and :class:`RandLabelSynthd`, applied to the whole slice first.
+    :class:`RandDixonContrastd` and :class:`RandLabelSynthd`, applied to the whole slice first;
+    ``fov_crop`` the probability of :class:`RandFieldOfViewd` (a clinical field of view), next.
     """
     if augmentation not in AUGMENTATIONS:
         raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {augmentation!r}")
@@ -284,6 +338,7 @@ def train_transforms(roi: tuple[int, int], augmentation: str = "contrast", geome
         steps.append(RandLabelSynthd(prob=label_synthesis))
     steps += [
         SelectItemsd(keys=("image", "label", "labelled", "pad_value")),
+        *([RandFieldOfViewd(prob=fov_crop)] if fov_crop > 0 else []),
         RandPadToWindowd(keys=("image", "label"), label_key="label", roi=roi),
         RandCropByPosNegLabeld(keys=("image", "label"), label_key="label", spatial_size=roi,
                                pos=2.0, neg=1.0, num_samples=1, allow_smaller=False),
