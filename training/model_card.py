@@ -48,6 +48,12 @@ DEFAULT_LIMITS: tuple[str, ...] = (
     "reference, not necessarily a manual ground truth.",
     "2D slice-wise model: no through-plane context; slices far outside L1-S1 are out of scope and "
     "may receive spurious labels (post-processing keeps the largest 3D component per muscle).",
+    "Small field of view: the training volumes show the whole trunk, while clinical axial lumbar T2 is often "
+    "acquired with a 160-220 mm field of view around the spine. The 0.5.0 recipe's fold models, tested on "
+    "tum01 cropped around the spine (`training.evaluate --fov-mm`), fell from 0.70-0.79 (whole volume) to "
+    "0.18-0.38 at 200 mm and to 0.00 at 160 mm (no muscle found) in all three seeds; on MuscleMap they held "
+    "(0.66-0.74 at 160 mm). Outlines on small-field-of-view series may be missing or wrong: check them, and "
+    "see the model card's 'Field of view' section for the training change under test.",
     "Laterality follows the image geometry (RAS model space); a wrong orientation in the DICOM header "
     "gives wrong sides.",
     "The review flag (quality control) was validated on the two held-out real volumes and on synthetic "
