@@ -175,13 +175,19 @@ def overlay_figure(case: LoadedCase, pred: np.ndarray, path: Path, title: str) -
     plt.close(fig)
 
 
+def _cropped(case: LoadedCase, box: tuple[slice, slice, slice]) -> LoadedCase:
+    """``case`` restricted to the voxel ``box`` (I, J, K slices with starts), the affine moved to
+    the box's first voxel so every voxel keeps its place in the world."""
+    affine = case.affine_ras.copy()
+    affine[:3, 3] = case.affine_ras[:3, :3] @ np.array([float(b.start or 0) for b in box]) + case.affine_ras[:3, 3]
+    return dataclasses.replace(case, image=np.ascontiguousarray(case.image[box]), affine_ras=affine,
+                               label=None if case.label is None else np.ascontiguousarray(case.label[box]),
+                               components={k: np.ascontiguousarray(v[box]) for k, v in case.components.items()})
+
+
 def _sub_stack(case: LoadedCase, start: int, stop: int) -> LoadedCase:
     """Slices ``start:stop`` (voxel axis K) of ``case`` as a volume of their own, in place."""
-    affine = case.affine_ras.copy()
-    affine[:3, 3] = case.affine_ras[:3, :3] @ np.array([0.0, 0.0, float(start)]) + case.affine_ras[:3, 3]
-    return dataclasses.replace(case, image=case.image[..., start:stop], affine_ras=affine,
-                               label=None if case.label is None else case.label[..., start:stop],
-                               components={})
+    return dataclasses.replace(_cropped(case, (slice(None), slice(None), slice(start, stop))), components={})
 
 
 def field_of_view(case: LoadedCase, fov_mm: float, anterior_mm: float = 25.0) -> LoadedCase:
@@ -201,12 +207,7 @@ def field_of_view(case: LoadedCase, fov_mm: float, anterior_mm: float = 25.0) ->
         n, size = case.image.shape[axis], int(round(fov_mm / spacing[axis]))
         start = int(np.clip(round(centre[axis] - size / 2.0), 0, max(0, n - size)))
         box.append(slice(start, min(n, start + size)))
-    affine = case.affine_ras.copy()
-    affine[:3, 3] = linear @ np.array([box[0].start, box[1].start, 0.0]) + case.affine_ras[:3, 3]
-    crop = (box[0], box[1], slice(None))
-    return dataclasses.replace(case, image=np.ascontiguousarray(case.image[crop]), affine_ras=affine,
-                               label=np.ascontiguousarray(case.label[crop]),
-                               components={k: np.ascontiguousarray(v[crop]) for k, v in case.components.items()})
+    return _cropped(case, (box[0], box[1], slice(None)))
 
 
 def predict_labels(case: LoadedCase, bundle: ModelBundle,

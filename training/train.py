@@ -34,6 +34,7 @@ from monai.data import CacheDataset, DataLoader
 from monai.utils import set_determinism
 from tqdm import tqdm
 
+from paraspinal.model_bundle import METADATA_RELPATH, read_metadata
 from training.data import MODEL_SPEC, CaseError, SliceSet, case_slices, check_held_out, real_cases, site_cases
 from training.labels import NUM_CLASSES
 from training.losses import MarginalDiceCELoss
@@ -193,8 +194,7 @@ def init_provenance(source: str) -> dict[str, Any]:
     """
     path = Path(source)
     if path.is_dir():
-        meta_path = path / "configs" / "metadata.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        meta = read_metadata(path) if (path / METADATA_RELPATH).is_file() else {}
         return {"bundle": meta.get("name", path.name), "version": meta.get("version")}
     state = torch.load(str(path), map_location="cpu", weights_only=False)
     config = state.get("config", {})
