@@ -63,6 +63,9 @@ class LabelInfo:
         return f"{self.muscle} {self.side}"
 
 
+PADDING_MODES = ("minimum", "reflect", "replicate")
+
+
 @dataclass(frozen=True)
 class PreprocessingSpec:
     """How an image is put into the model's space.
@@ -79,6 +82,11 @@ class PreprocessingSpec:
         context_slices: neighbour slices on each side given to the network as extra input
             channels (2.5D input: channels k-n .. k+n along voxel axis 2 of the model space,
             the edge slice repeated past the ends); 0: one slice, one channel.
+        padding: how a slice smaller than ``roi_size`` is padded up to the window, in the
+            model space after normalisation. ``"minimum"``: the volume's minimum (bundles up to
+            0.5.0); ``"reflect"``: the image mirrored at its edge (no new edge: a small field of
+            view that cuts through the body is not framed as if air surrounded the muscles);
+            ``"replicate"``: the edge voxels repeated.
     """
 
     orientation: str
@@ -89,6 +97,7 @@ class PreprocessingSpec:
     blend_mode: str
     sw_batch_size: int
     context_slices: int = 0
+    padding: str = "minimum"
 
     @property
     def in_channels(self) -> int:
@@ -215,6 +224,7 @@ def _parse_preprocessing(metadata: dict[str, Any]) -> PreprocessingSpec:
             blend_mode=str(pre.get("blend_mode", "gaussian")),
             sw_batch_size=int(pre.get("sw_batch_size", 16)),
             context_slices=int(pre.get("context_slices", 0)),
+            padding=str(pre.get("padding", "minimum")),  # absent: bundles up to 0.5.0
         )
     except (KeyError, IndexError, TypeError, ValueError) as exc:
         raise BundleError(f"bundle metadata: bad or missing preprocessing entry ({exc!r})") from exc
@@ -226,6 +236,9 @@ def _parse_preprocessing(metadata: dict[str, Any]) -> PreprocessingSpec:
                           f"preprocessing.context_slices {spec.context_slices} (expects {spec.in_channels})")
     if spec.intensity != "zscore_nonzero":
         raise BundleError(f"bundle metadata: unsupported intensity normalisation {spec.intensity!r}")
+    if spec.padding not in PADDING_MODES:
+        raise BundleError(f"bundle metadata: preprocessing.padding must be one of {', '.join(PADDING_MODES)}, "
+                          f"got {spec.padding!r}")
     if len(spec.orientation) != 3:
         raise BundleError(f"bundle metadata: orientation must be 3 axis codes, got {spec.orientation!r}")
     return spec

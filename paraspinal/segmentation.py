@@ -30,7 +30,7 @@ from monai.inferers import SlidingWindowInferer
 from monai.transforms import Compose, Invertd
 from scipy import ndimage
 
-from paraspinal.model_bundle import ModelBundle
+from paraspinal.model_bundle import ModelBundle, PreprocessingSpec
 from paraspinal.postprocess import postprocess_labels
 from paraspinal.preprocessing import (as_metatensor, lps_affine_to_ras, model_space_transforms,
                                       with_neighbour_slices)
@@ -134,23 +134,24 @@ def infer_with_uncertainty(model_input: ModelInput, bundle: ModelBundle) -> tupl
     """
     spec = bundle.preprocessing
     image = model_input.data["image"]
+    pixels, window = _padded_to_window(image.as_tensor(), spec)
     inferer = SlidingWindowInferer(
         roi_size=(spec.roi_size[0], spec.roi_size[1], 1),
         sw_batch_size=spec.sw_batch_size,
         overlap=(spec.overlap, spec.overlap, 0.0),
         mode=spec.blend_mode,
-        padding_mode="constant",
+        padding_mode="constant",  # "minimum" bundles: the inferer pads; otherwise already padded
         cval=float(image.min()),
     )
     network = _SliceNetwork(bundle.network)
     with bundle.lock, torch.inference_mode():
         # 2.5D bundles see the neighbour slices as channels; the window stays one slice deep.
-        batch = with_neighbour_slices(image.as_tensor(), spec.context_slices)[None].to(bundle.device)
-        plain = torch.softmax(inferer(batch, network).float(), dim=1)[0].cpu()
+        batch = with_neighbour_slices(pixels, spec.context_slices)[None].to(bundle.device)
+        plain = torch.softmax(inferer(batch, network).float(), dim=1)[0].cpu()[window]
         mirrored = None
         if bundle.test_time_mirror:
             flipped = torch.softmax(inferer(torch.flip(batch, dims=(2,)), network).float(), dim=1)[0].cpu()
-            mirrored = torch.flip(flipped, dims=(1,))[_side_partner_permutation(bundle)]
+            mirrored = torch.flip(flipped, dims=(1,))[_side_partner_permutation(bundle)][window]
             del flipped
     probs = plain if mirrored is None else (plain + mirrored) / 2.0
     disagreement, entropy = _slice_stats(plain, mirrored, probs, [info.value for info in bundle.labels])
@@ -159,6 +160,32 @@ def infer_with_uncertainty(model_input: ModelInput, bundle: ModelBundle) -> tupl
         entropy = {c: v[::-1] for c, v in entropy.items()}
     return (MetaTensor(probs, meta=image.meta, applied_operations=image.applied_operations),
             SliceUncertainty(disagreement, entropy))
+
+
+def _padded_to_window(image: torch.Tensor, spec: PreprocessingSpec) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """``image`` (C, I, J, K) padded in-plane (axes I, J) to at least the inferer's window as
+    ``spec.padding`` prescribes, and the index that cuts the (C, I, J, K) output back to it.
+
+    "minimum" leaves the padding to the inferer (constant, the volume minimum: what bundles up
+    to 0.5.0 were measured with). "reflect" and "replicate" pad here with numpy, because torch's
+    (and so MONAI's) reflection refuses a pad wider than the image, which a small field of view
+    needs (e.g. 160 -> 256 voxels); numpy repeats the reflection.
+    """
+    full = (slice(None),) * 4
+    if spec.padding == "minimum":
+        return image, full
+    pads = [(0, 0)]
+    for size, roi in zip(image.shape[1:3], spec.roi_size):
+        missing = max(0, roi - size)
+        pads.append((missing // 2, missing - missing // 2))  # centred, as the inferer pads
+    pads.append((0, 0))
+    if not any(before or after for before, after in pads):
+        return image, full
+    mode = {"reflect": "reflect", "replicate": "edge"}[spec.padding]
+    padded = torch.from_numpy(np.pad(image.numpy(), pads, mode=mode))
+    window = (slice(None),) + tuple(slice(before, before + size)
+                                    for (before, _), size in zip(pads[1:3], image.shape[1:3])) + (slice(None),)
+    return padded, window
 
 
 def _slice_axis_reversed(model_input: ModelInput) -> bool:

@@ -366,6 +366,11 @@ def test_evaluation_on_a_clinical_field_of_view_crops_around_the_spine(tiny_bund
     report = json.loads((out / "evaluation.json").read_text())
     assert report["cases"][0]["fov_mm"] == 160.0 and report["cases"][0]["shape"][:2] == [157, 157]
     assert "160 mm field of view" in (out / "evaluation.md").read_text()
+    assert report["cases"][0]["padding"] == "reflect"  # the tiny bundle is exported as the shipped one pads
+    assert main(["--bundle", str(tiny_bundle), "--case", "myosegmentum_tum01", "--fov-mm", "160",
+                 "--padding", "minimum", "--out", str(out)]) == 0
+    assert json.loads((out / "evaluation.json").read_text())["cases"][0]["padding"] == "minimum"
+    assert "padded by minimum" in (out / "evaluation.md").read_text()
 
 
 def test_warm_restart_records_the_run_it_continues_in_the_card(tmp_path: Path):

@@ -41,6 +41,9 @@ MODEL_SPEC = PreprocessingSpec(
     overlap=0.25,
     blend_mode="gaussian",
     sw_batch_size=16,
+    # Slices smaller than the window are mirrored at their edge, not framed by the volume minimum:
+    # with the minimum a 160 mm field of view lost every muscle (model card, 'Padding').
+    padding="reflect",
 )
 
 
@@ -321,7 +324,7 @@ def case_slices(case: LoadedCase, spec: PreprocessingSpec = MODEL_SPEC, only_lab
     neighbour slices of a 2.5D model as extra channels, centre slice in the middle), ``label`` (1, I, J) int64 bundle
     labels, ``tissue`` (1, I, J) int64 (:func:`tissue_map`), the case's components (Dixon
     ``water``/``fat``, resampled, own units) when it has them, ``labelled`` (NUM_CLASSES,) float32 1/0 per class, ``pad_value`` (the volume
-    minimum, the padding the application's inferer uses) and provenance keys.
+    minimum, one of the training paddings: :class:`training.transforms.RandPadToWindowd`) and provenance keys.
     Slices without any muscle label are skipped when ``only_labelled``: the annotation of
     such a slice is often just absent rather than "no muscle here".
     """

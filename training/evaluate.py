@@ -38,7 +38,8 @@ import torch  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from monai.transforms import Invertd  # noqa: E402
 
-from paraspinal.model_bundle import METADATA_RELPATH, ModelBundle, load_bundle, read_metadata  # noqa: E402
+from paraspinal.model_bundle import (METADATA_RELPATH, PADDING_MODES, ModelBundle, load_bundle,  # noqa: E402
+                                     read_metadata)
 from paraspinal.preprocessing import as_metatensor, model_space_transforms  # noqa: E402
 from paraspinal.segmentation import ModelInput, SliceUncertainty, infer_with_uncertainty  # noqa: E402
 from training.data import CaseError, LoadedCase, real_cases, site_cases  # noqa: E402
@@ -260,6 +261,7 @@ def evaluate_case(case: LoadedCase, bundle: ModelBundle, out_dir: Path,
         "rows": rows + [mean_row(rows)], "raw_rows": raw_rows + [mean_row(raw_rows)],
         "errors": error_breakdown(post, case.label, labels),
         "figure": figure.name, "test_time_mirror": bundle.test_time_mirror, "stack_length": stack_length,
+        "padding": bundle.preprocessing.padding,
         "slices": slice_records(case, post, uncertainty, labels),
     }
 
@@ -289,7 +291,8 @@ def write_reports(results: list[dict[str, Any]], bundle: ModelBundle, out_dir: P
             f"## {result['case']}",
             "",
             f"Data: {result['source']}. Grid {result['shape']} voxels, spacing {result['spacing_mm']} mm. "
-            f"Inference {result['inference_s']} s on CPU."
+            f"Inference {result['inference_s']} s on CPU; slices smaller than the window padded by "
+            f"{result.get('padding', 'minimum')}."
             + (f" Cropped in-plane to a {result['fov_mm']:g} mm field of view around the spine (--fov-mm)."
                if result.get("fov_mm") else "")
             + (f" Segmented as stacks of {result['stack_length']} slices (--stack-length)."
@@ -354,11 +357,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "clinical axial T2 is often acquired (160-220 mm), before segmenting it")
     p.add_argument("--test-time-mirror", choices=("bundle", "on", "off"), default="bundle",
                    help="override the bundle's test-time mirroring (ablation); default: as the bundle says")
+    p.add_argument("--padding", choices=("bundle",) + PADDING_MODES, default="bundle",
+                   help="override how the bundle pads slices smaller than its window (ablation); "
+                        "default: as the bundle says (preprocessing.padding)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     bundle = load_bundle(args.bundle, "cpu")
     if args.test_time_mirror != "bundle":
         bundle = dataclasses.replace(bundle, test_time_mirror=args.test_time_mirror == "on")
+    if args.padding != "bundle":
+        bundle = dataclasses.replace(bundle, preprocessing=dataclasses.replace(bundle.preprocessing,
+                                                                               padding=args.padding))
     trained_on = training_cases(bundle)
     registry: dict[str, Any] = dict(real_cases())
     if args.data_dir:

@@ -90,6 +90,7 @@ def preprocessing_entry(context_slices: int = 0) -> dict[str, Any]:
         "overlap": MODEL_SPEC.overlap,
         "blend_mode": MODEL_SPEC.blend_mode,
         "sw_batch_size": MODEL_SPEC.sw_batch_size,
+        "padding": MODEL_SPEC.padding,
         "slice_axis": 2,
     }
 

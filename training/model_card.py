@@ -49,11 +49,12 @@ DEFAULT_LIMITS: tuple[str, ...] = (
     "2D slice-wise model: no through-plane context; slices far outside L1-S1 are out of scope and "
     "may receive spurious labels (post-processing keeps the largest 3D component per muscle).",
     "Small field of view: the training volumes show the whole trunk, while clinical axial lumbar T2 is often "
-    "acquired with a 160-220 mm field of view around the spine. The 0.5.0 recipe's fold models, tested on "
-    "tum01 cropped around the spine (`training.evaluate --fov-mm`), fell from 0.70-0.79 (whole volume) to "
-    "0.18-0.38 at 200 mm and to 0.00 at 160 mm (no muscle found) in all three seeds; on MuscleMap they held "
-    "(0.66-0.74 at 160 mm). Outlines on small-field-of-view series may be missing or wrong: check them, and "
-    "see the model card's 'Field of view' section for the training change under test.",
+    "acquired with a 160-220 mm field of view around the spine. Framed by the volume minimum (the padding of "
+    "bundles up to 0.5.0), the 0.5.0 recipe's fold models found no muscle on tum01 cropped to 160 mm "
+    "(`training.evaluate --fov-mm`). From 0.5.1 a slice smaller than the window is mirrored at its edge: "
+    "the same models (3 seeds) then score 0.64 at 160 mm and 0.70 at 200 mm against 0.75 on the whole volume, "
+    "one seed 0.44 at 160 mm. Outlines on small-field-of-view series are less reliable than on a whole "
+    "trunk: check them (model card, 'Padding').",
     "Laterality follows the image geometry (RAS model space); a wrong orientation in the DICOM header "
     "gives wrong sides.",
     "The review flag (quality control) was validated on the two held-out real volumes and on synthetic "
@@ -233,6 +234,13 @@ def _evaluation_section(evaluation: dict[str, Any]) -> list[str]:
     return lines
 
 
+PADDING_TEXT = {
+    "minimum": "a slice smaller than the window padded with the volume's minimum",
+    "reflect": "a slice smaller than the window (a field of view under 256 mm) mirrored at its edge to fill it",
+    "replicate": "a slice smaller than the window padded by repeating its edge voxels",
+}
+
+
 def render_model_card(metadata: dict[str, Any]) -> str:
     """The model card markdown for ``metadata`` (the bundle's metadata.json content)."""
     pre = metadata.get("preprocessing", {})
@@ -264,7 +272,7 @@ def render_model_card(metadata: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v['muscle']} {v['side']}" for k, v in sorted(labels.items(), key=lambda kv: int(kv[0])))
         + "; 0 background.",
         f"- Inference: sliding window {pre.get('roi_size')} per slice, overlap {pre.get('overlap')}, "
-        f"{pre.get('blend_mode')} blending; probabilities mapped back to the source grid by inverting the "
+        f"{pre.get('blend_mode')} blending; {PADDING_TEXT.get(pre.get('padding', 'minimum'), pre.get('padding'))}; probabilities mapped back to the source grid by inverting the "
         "preprocessing.",
         "- Post-processing: "
         + ", ".join(k for k, v in metadata.get("postprocessing", {}).items() if v)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Reproduces the shipped bundle paraspinal_t2ax 0.5.0 and the recipe figures of its card:
+# Reproduces the shipped bundle paraspinal_t2ax 0.5.1 and the recipe figures of its card (0.5.1 is 0.5.0's
+# training with reflection padding of slices smaller than the inferer's window, training.data.MODEL_SPEC):
 #   1. two leave-one-subject-out folds of the recipe (train on one real subject + 16 phantoms,
 #      test on the other real subject, fold A also on 4 unseen synthetic phantoms), with
 #      test-time mirroring as the application runs it, each trained with SEEDS (default 0 1 2:
@@ -20,14 +21,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-OUT=${1:-output/reproduce_0.5.0_${ITERS:-3000}it$([ "${FOV_CROP:-0}" != 0 ] && echo "_fov${FOV_CROP}")}
+OUT=${1:-output/reproduce_0.5.1_${ITERS:-3000}it$([ "${FOV_CROP:-0}" != 0 ] && echo "_fov${FOV_CROP}")}
 BUNDLE=${BUNDLE:-models/paraspinal_t2ax}
-ITERS=${ITERS:-3000}  # the shipped 0.5.0: 3000; ITERS=1500 gives 0.4.0's recipe
-VERSION=${VERSION:-$([ "$ITERS" = 3000 ] && echo 0.5.0 || echo "0.5.0+${ITERS}it")$([ "${FOV_CROP:-0}" != 0 ] && echo "+fov${FOV_CROP}")}
+ITERS=${ITERS:-3000}  # the shipped 0.5.1: 3000; ITERS=1500 gives 0.4.0's recipe
+VERSION=${VERSION:-$([ "$ITERS" = 3000 ] && echo 0.5.1 || echo "0.5.1+${ITERS}it")$([ "${FOV_CROP:-0}" != 0 ] && echo "+fov${FOV_CROP}")}
 SEEDS=(${SEEDS:-0 1 2})
 RECIPE=(--synthetic 16 --batch-size 4 --threads 1 --checkpoint-every 100 --context-slices 1 --resume)
 # FOV_CROP=0.5 adds the clinical field-of-view crop (training.transforms.RandFieldOfViewd), the candidate
-# recipe for the next bundle (model card, 'Field of view'); 0 (default) reproduces 0.5.0.
+# recipe for the next bundle (model card, 'Field of view'); 0 (default) reproduces 0.5.1.
 if [ "${FOV_CROP:-0}" != 0 ]; then RECIPE+=(--fov-crop "$FOV_CROP"); fi
 SYNTH=(--case synthetic_test_0 --case synthetic_test_1 --case synthetic_test_2 --case synthetic_test_3)
 export PYTHONPATH=.

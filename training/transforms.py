@@ -36,11 +36,13 @@ GEOMETRIES = ("basic", "strong")
 
 
 class RandPadToWindowd(RandomizableTransform, MapTransform):
-    """Pad image and label to at least ``roi`` (centred), like the inferer pads small slices.
+    """Pad image and label to at least ``roi`` (centred), as the inferer pads small slices.
 
-    The application's inferer pads with the volume minimum (``pad_value`` of the item);
-    MONAI's default is 0. Either is drawn with probability 1/2 so the network sees both.
-    Labels are padded with 0.
+    With the volume minimum (``pad_value`` of the item: what bundles up to 0.5.0 were inferred
+    with) or 0 (MONAI's default), each drawn with probability 1/2. Labels are padded with 0.
+    Bundles from 0.5.1 infer with reflection padding instead (``PreprocessingSpec.padding``):
+    measured on the held-out folds, the network trained this way segments a small field of view
+    far better reflected than framed by the minimum (model card, 'Padding').
     """
 
     def __init__(self, keys: KeysCollection, label_key: str, roi: tuple[int, int]):
@@ -180,7 +182,7 @@ class RandFieldOfViewd(RandomizableTransform, MapTransform):
     (towards the canal) with +-15 mm jitter; then, as the application does with such a volume,
     re-z-scored over the crop's non-zero voxels (the zeros the volume's z-score kept stay 0; the
     centre channel's statistics for every channel, as one volume's statistics serve all of a 2.5D
-    input's channels) and ``pad_value`` set to the crop's minimum, which the inferer pads with.
+    input's channels) and ``pad_value`` set to the crop's minimum (see :class:`RandPadToWindowd`).
     """
 
     def __init__(self, prob: float = 0.5, fov_mm: tuple[float, float] = (140.0, 260.0)):
