@@ -373,6 +373,31 @@ def test_evaluation_on_a_clinical_field_of_view_crops_around_the_spine(tiny_bund
     assert "padded by minimum" in (out / "evaluation.md").read_text()
 
 
+def test_background_noise_fills_only_the_masked_air_and_is_recorded(tiny_bundle: Path, tmp_path: Path):
+    """tum01's air is masked to exactly 0; a real scan's is noise (the evaluation option that shows
+    what that does to the held-out figure)."""
+    if not HAS_REAL:
+        pytest.skip("shared real fixtures not present")
+    from training.data import CaseError, real_cases
+    from training.evaluate import main, with_background_noise
+
+    case = dict(real_cases())["myosegmentum_tum01"].load()
+    noisy = with_background_noise(case, 1.0)
+    air = case.image == 0
+    assert np.array_equal(noisy.image[~air], case.image[~air])  # the body is untouched
+    median = float(np.median(case.image[~air]))
+    # Rayleigh noise of sigma = 1 % of the median: mean sigma * sqrt(pi / 2)
+    assert noisy.image[air].min() >= 0 and noisy.image[air].mean() == pytest.approx(0.01 * median * 1.2533, rel=0.02)
+    assert np.array_equal(with_background_noise(case, 1.0).image, noisy.image)  # seeded: repeatable
+    with pytest.raises(CaseError, match="no zero-valued background"):
+        with_background_noise(noisy, 1.0)
+    out = tmp_path / "noise"
+    assert main(["--bundle", str(tiny_bundle), "--case", "myosegmentum_tum01", "--background-noise", "1",
+                 "--out", str(out)]) == 0
+    assert json.loads((out / "evaluation.json").read_text())["cases"][0]["background_noise_pct"] == 1.0
+    assert "Rayleigh noise, 1 % of the median" in (out / "evaluation.md").read_text()
+
+
 def test_warm_restart_records_the_run_it_continues_in_the_card(tmp_path: Path):
     if not HAS_REAL:
         pytest.skip("shared real fixtures not present")
