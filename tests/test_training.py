@@ -324,6 +324,28 @@ def test_weight_average_of_two_bundles_is_their_element_wise_mean(tiny_bundle: P
     assert main([str(tiny_bundle), "--out", str(tmp_path / "one")]) == 2  # one bundle is no average
 
 
+def test_training_with_background_noise_gives_tum01_real_air_and_leaves_musclemap_alone():
+    """--background-noise: a masked (exactly-0) background is z-scored dark like a real scan's air
+    instead of staying at 0 (mid grey); a scanner's own few zeros (MuscleMap) are not touched."""
+    if not HAS_REAL:
+        pytest.skip("shared real fixtures not present")
+    from training.train import TrainConfig, _with_real_air
+
+    cases = real_cases()
+    tum01, musclemap = cases["myosegmentum_tum01"].load(), cases["musclemap_sub0001"].load()
+    on = TrainConfig(out="unused", cases=[], holdout=[], background_noise=2.0, seed=3)
+    filled = _with_real_air(tum01, on)
+    assert (tum01.image == 0).mean() > 0.5 and (filled.image == 0).mean() < 0.001
+    assert filled.components.keys() == tum01.components.keys()
+    assert _with_real_air(musclemap, on) is musclemap  # 6 % zeros at its edges: a scanner's, not a mask
+    assert _with_real_air(tum01, TrainConfig(out="unused", cases=[], holdout=[])) is tum01  # off by default: 0.5.0's recipe
+    # in the model space the air is now darker than the muscles, where the masked air sat at 0 above them
+    before, after = to_model_space(tum01)["image"][0].numpy(), to_model_space(filled)["image"][0].numpy()
+    label = to_model_space(tum01)["label"][0].numpy() > 0
+    air = to_model_space(tum01)["image"][0].numpy() == 0
+    assert np.all(before[air] == 0) and after[air].mean() < after[label].mean() - 1.0
+
+
 def test_field_of_view_crop_keeps_the_muscles_renormalises_and_sets_the_pad_value():
     from training.transforms import RandFieldOfViewd
 

@@ -42,7 +42,7 @@ from paraspinal.model_bundle import (METADATA_RELPATH, PADDING_MODES, ModelBundl
                                      read_metadata)
 from paraspinal.preprocessing import as_metatensor, model_space_transforms  # noqa: E402
 from paraspinal.segmentation import ModelInput, SliceUncertainty, infer_with_uncertainty  # noqa: E402
-from training.data import CaseError, LoadedCase, real_cases, site_cases  # noqa: E402
+from training.data import CaseError, LoadedCase, real_cases, site_cases, with_background_noise  # noqa: E402
 from training.metrics import error_breakdown, error_breakdown_table, label_metrics, mean_row  # noqa: E402
 from training.model_card import METRIC_COLUMNS, metric_table  # noqa: E402
 from training.postprocess import postprocess_labels  # noqa: E402
@@ -209,25 +209,6 @@ def field_of_view(case: LoadedCase, fov_mm: float, anterior_mm: float = 25.0) ->
         start = int(np.clip(round(centre[axis] - size / 2.0), 0, max(0, n - size)))
         box.append(slice(start, min(n, start + size)))
     return _cropped(case, (box[0], box[1], slice(None)))
-
-
-def with_background_noise(case: LoadedCase, percent: float, seed: int = 0) -> LoadedCase:
-    """``case`` with Rayleigh noise in its exactly-zero voxels, as a magnitude image's air has it.
-
-    MyoSegmenTUM's Dixon volumes are masked to 0 outside the body; a real scan is never. The
-    noise is the magnitude of complex Gaussian noise whose std is ``percent`` % of the median
-    non-zero intensity (a real scan: about 1-3 %); seeded, so an evaluation is repeatable.
-    """
-    if percent <= 0:
-        raise CaseError(f"--background-noise must be positive, got {percent}")
-    image = case.image.astype(np.float32)
-    air = image == 0
-    if not air.any():
-        raise CaseError(f"{case.case_id}: no zero-valued background to fill with noise")
-    sigma = percent / 100.0 * float(np.median(image[~air]))
-    rng = np.random.default_rng(seed)
-    noise = np.hypot(rng.normal(0.0, sigma, image.shape), rng.normal(0.0, sigma, image.shape)).astype(np.float32)
-    return dataclasses.replace(case, image=np.where(air, noise, image), components={})
 
 
 def predict_labels(case: LoadedCase, bundle: ModelBundle,

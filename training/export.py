@@ -129,6 +129,7 @@ def training_entry(checkpoint: dict[str, Any]) -> dict[str, Any]:
                 "label_synthesis_p": float(config.get("label_synthesis", 0.0)),
                 "dixon_contrasts_p": float(config.get("dixon_contrasts", 0.0)),
                 "fov_crop_p": float(config.get("fov_crop", 0.0)),
+                "background_noise_pct": float(config.get("background_noise", 0.0)),
             },
             "init": config.get("init_checkpoint"),
             "init_run": checkpoint.get("init_provenance"),

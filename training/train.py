@@ -35,7 +35,8 @@ from monai.utils import set_determinism
 from tqdm import tqdm
 
 from paraspinal.model_bundle import METADATA_RELPATH, read_metadata
-from training.data import MODEL_SPEC, CaseError, SliceSet, case_slices, check_held_out, real_cases, site_cases
+from training.data import (MODEL_SPEC, CaseError, LoadedCase, SliceSet, case_slices, check_held_out,
+                           masked_background_share, real_cases, site_cases, with_background_noise)
 from training.labels import NUM_CLASSES
 from training.losses import MarginalDiceCELoss
 from training.network import DEFAULT_CHANNELS, build_network, network_def
@@ -66,6 +67,7 @@ class TrainConfig:
     label_synthesis: float = 0.0
     dixon_contrasts: float = 0.0
     fov_crop: float = 0.0  # probability of a clinical field-of-view crop (RandFieldOfViewd)
+    background_noise: float = 0.0  # % of the median: Rayleigh noise in a masked (exactly-0) background; 0: off
     channels: list[int] = field(default_factory=lambda: list(DEFAULT_CHANNELS))
     head: bool = False
     context_slices: int = 0  # 2.5D: neighbour slices on each side as extra input channels
@@ -105,6 +107,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse
                    help="probability of re-mixing a Dixon case's water and fat into another contrast")
     p.add_argument("--fov-crop", type=float, default=0.0,
                    help="probability of cropping a slice to a clinical 140-260 mm field of view around the spine")
+    p.add_argument("--background-noise", type=float, default=0.0, metavar="PERCENT",
+                   help="fill the masked (exactly-0) background of a real case (more than "
+                        f"{MASKED_BACKGROUND_MIN:.0%} of its voxels at 0, e.g. MyoSegmenTUM) with Rayleigh noise of this "
+                        "percent of its median intensity, as a real scan's air; 0: off")
     p.add_argument("--channels", type=int, nargs="+", default=list(DEFAULT_CHANNELS))
     p.add_argument("--head", action="store_true",
                    help="1x1-conv classification head on channels[0] UNet features (see training.network)")
@@ -133,7 +139,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse
         weight_decay=args.weight_decay, lr_schedule=args.lr_schedule, dice=args.dice,
         side_agnostic=args.side_agnostic, augmentation=args.augmentation,
         geometry=args.geometry, label_synthesis=args.label_synthesis, dixon_contrasts=args.dixon_contrasts,
-        fov_crop=args.fov_crop,
+        fov_crop=args.fov_crop, background_noise=args.background_noise,
         channels=list(args.channels), head=args.head, context_slices=args.context_slices, seed=args.seed, checkpoint_every=args.checkpoint_every,
         threads=args.threads, init_checkpoint=args.init_checkpoint,
     )
@@ -156,7 +162,7 @@ def collect_slices(config: TrainConfig) -> list[SliceSet]:
         raise CaseError("--label-synthesis draws one slice from its tissue map; it cannot be combined with "
                         "--context-slices (2.5D)")
     spec = replace(MODEL_SPEC, context_slices=config.context_slices)
-    sets = [case_slices(registry[c].load(), spec) for c in config.cases]
+    sets = [case_slices(_with_real_air(registry[c].load(), config), spec) for c in config.cases]
     if config.synthetic > 0:
         from training.synthetic import synthetic_cases  # needs paraspinal.phantom
 
@@ -164,6 +170,23 @@ def collect_slices(config: TrainConfig) -> list[SliceSet]:
     if not any(s.items for s in sets):
         raise CaseError("no training slices")
     return sets
+
+
+MASKED_BACKGROUND_MIN = 0.2  # share of exactly-0 voxels above which a background counts as masked
+
+
+def _with_real_air(case: LoadedCase, config: TrainConfig) -> LoadedCase:
+    """``case`` with noise in its masked background when ``config.background_noise`` asks for it.
+
+    A masked background stays exactly 0, which the z-score over non-zero voxels leaves at 0 (a
+    mid grey), while every real scan's air is noise that the z-score makes dark; a network that
+    learned the grey air lost the muscles on the same volume with real air (model card,
+    'Background'). A scanner's own zeros (MuscleMap: 6 % at its edges) are left alone, so
+    cases without a masked background train exactly as before.
+    """
+    if config.background_noise <= 0 or masked_background_share(case) <= MASKED_BACKGROUND_MIN:
+        return case
+    return with_background_noise(case, config.background_noise, seed=config.seed)
 
 
 def machine_description(threads: int) -> str:
@@ -265,7 +288,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, stop
         saved = TrainConfig(**state["config"])
         # Only the length of the run may change on resume; anything else would be another run.
         for key in ("cases", "holdout", "synthetic", "real_fraction", "batch_size", "lr", "dice", "side_agnostic", "augmentation",
-                    "geometry", "label_synthesis", "dixon_contrasts", "fov_crop", "channels", "head", "context_slices",
+                    "geometry", "label_synthesis", "dixon_contrasts", "fov_crop", "background_noise", "channels", "head", "context_slices",
                     "seed"):
             if getattr(saved, key) != getattr(config, key):
                 raise SystemExit(f"--resume: {key} differs from the checkpoint ({getattr(saved, key)!r})")
