@@ -401,7 +401,8 @@ def test_background_noise_fills_only_the_masked_air_and_is_recorded(tiny_bundle:
     if not HAS_REAL:
         pytest.skip("shared real fixtures not present")
     from training.data import CaseError, real_cases
-    from training.evaluate import main, with_background_noise
+    from training.data import with_background_noise
+    from training.evaluate import main
 
     case = dict(real_cases())["myosegmentum_tum01"].load()
     noisy = with_background_noise(case, 1.0)

@@ -296,6 +296,23 @@ def with_background_noise(case: LoadedCase, percent: float, seed: int = 0) -> Lo
     return replace(case, image=np.where(air, noise, image))
 
 
+MASKED_BACKGROUND_MIN = 0.2  # share of exactly-0 voxels above which a background counts as masked
+
+
+def with_real_air(case: LoadedCase, percent: float, seed: int = 0) -> LoadedCase:
+    """``case`` with noise in its background (:func:`with_background_noise`) when that background is
+    masked (more than ``MASKED_BACKGROUND_MIN`` of the voxels exactly 0, as MyoSegmenTUM's); any other
+    case unchanged (a scanner's own few zeros, e.g. MuscleMap's 6 % at its edges, are left alone).
+
+    A masked background stays exactly 0, which the z-score over non-zero voxels leaves at 0 (a mid
+    grey), while every real scan's air is noise that the z-score makes dark; a network that learned
+    the grey air lost the muscles on the same volume with real air (model card, 'Background').
+    """
+    if masked_background_share(case) <= MASKED_BACKGROUND_MIN:
+        return case
+    return with_background_noise(case, percent, seed)
+
+
 def masked_background_share(case: LoadedCase) -> float:
     """Share of the case's voxels that are exactly 0: a masked background (MyoSegmenTUM's Dixon
     volumes about 0.56) rather than a scanner's noise (MuscleMap 0.06, at its edges)."""

@@ -42,7 +42,7 @@ from paraspinal.model_bundle import (METADATA_RELPATH, PADDING_MODES, ModelBundl
                                      read_metadata)
 from paraspinal.preprocessing import as_metatensor, model_space_transforms  # noqa: E402
 from paraspinal.segmentation import ModelInput, SliceUncertainty, infer_with_uncertainty  # noqa: E402
-from training.data import CaseError, LoadedCase, real_cases, site_cases, with_background_noise  # noqa: E402
+from training.data import CaseError, LoadedCase, real_cases, site_cases, with_real_air  # noqa: E402
 from training.metrics import error_breakdown, error_breakdown_table, label_metrics, mean_row  # noqa: E402
 from training.model_card import METRIC_COLUMNS, metric_table  # noqa: E402
 from training.postprocess import postprocess_labels  # noqa: E402
@@ -358,8 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="crop each case in-plane to a square field of view this wide (mm) around the spine, as "
                         "clinical axial T2 is often acquired (160-220 mm), before segmenting it")
     p.add_argument("--background-noise", type=float, default=None, metavar="PERCENT",
-                   help="fill each case's exactly-zero (masked) background with Rayleigh noise of this percent of "
-                        "its median intensity, as a real scan's air, before segmenting it")
+                   help="fill a case's masked (exactly-0) background with Rayleigh noise of this percent of "
+                        "its median intensity, as a real scan's air, before segmenting it (cases without one: "
+                        "unchanged)")
     p.add_argument("--test-time-mirror", choices=("bundle", "on", "off"), default="bundle",
                    help="override the bundle's test-time mirroring (ablation); default: as the bundle says")
     p.add_argument("--padding", choices=("bundle",) + PADDING_MODES, default="bundle",
@@ -391,13 +392,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         case = registry[case_id].load()
+        noisy_air = None
         if args.background_noise:
-            case = with_background_noise(case, args.background_noise)
+            filled = with_real_air(case, args.background_noise)
+            noisy_air = args.background_noise if filled is not case else None  # only a masked background
+            case = filled
         if args.fov_mm:
             case = field_of_view(case, args.fov_mm)
         result = evaluate_case(case, bundle, out_dir, args.stack_length)
         result["fov_mm"] = args.fov_mm
-        result["background_noise_pct"] = args.background_noise
+        result["background_noise_pct"] = noisy_air
         results.append(result)
         print(f"{case_id}: post-processed mean Dice {result['rows'][-1]['dice']:.3f} "
               f"(raw {result['raw_rows'][-1]['dice']:.3f})")

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from paraspinal.model_bundle import METADATA_RELPATH, read_metadata
 from training.data import (MODEL_SPEC, CaseError, LoadedCase, SliceSet, case_slices, check_held_out,
-                           masked_background_share, real_cases, site_cases, with_background_noise)
+                           MASKED_BACKGROUND_MIN, real_cases, site_cases, with_real_air)
 from training.labels import NUM_CLASSES
 from training.losses import MarginalDiceCELoss
 from training.network import DEFAULT_CHANNELS, build_network, network_def
@@ -172,21 +172,10 @@ def collect_slices(config: TrainConfig) -> list[SliceSet]:
     return sets
 
 
-MASKED_BACKGROUND_MIN = 0.2  # share of exactly-0 voxels above which a background counts as masked
-
-
 def _with_real_air(case: LoadedCase, config: TrainConfig) -> LoadedCase:
-    """``case`` with noise in its masked background when ``config.background_noise`` asks for it.
-
-    A masked background stays exactly 0, which the z-score over non-zero voxels leaves at 0 (a
-    mid grey), while every real scan's air is noise that the z-score makes dark; a network that
-    learned the grey air lost the muscles on the same volume with real air (model card,
-    'Background'). A scanner's own zeros (MuscleMap: 6 % at its edges) are left alone, so
-    cases without a masked background train exactly as before.
-    """
-    if config.background_noise <= 0 or masked_background_share(case) <= MASKED_BACKGROUND_MIN:
-        return case
-    return with_background_noise(case, config.background_noise, seed=config.seed)
+    """``case`` with noise in a masked background when ``config.background_noise`` asks for it
+    (:func:`training.data.with_real_air`); cases without one train exactly as before."""
+    return with_real_air(case, config.background_noise, seed=config.seed) if config.background_noise > 0 else case
 
 
 def machine_description(threads: int) -> str:
