@@ -35,8 +35,8 @@ from monai.utils import set_determinism
 from tqdm import tqdm
 
 from paraspinal.model_bundle import METADATA_RELPATH, read_metadata
-from training.data import (MODEL_SPEC, CaseError, LoadedCase, SliceSet, case_slices, check_held_out,
-                           MASKED_BACKGROUND_MIN, real_cases, site_cases, with_real_air)
+from training.data import (MASKED_BACKGROUND_MIN, MODEL_SPEC, CaseError, LoadedCase, SliceSet, case_slices,
+                           check_held_out, real_cases, site_cases, with_real_air)
 from training.labels import NUM_CLASSES
 from training.losses import MarginalDiceCELoss
 from training.network import DEFAULT_CHANNELS, build_network, network_def
