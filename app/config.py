@@ -13,7 +13,7 @@ import copy
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -353,6 +353,10 @@ def _build_quality(values: Mapping[str, Any]) -> QualitySettings:
                 if not isinstance(value, Mapping):
                     raise ValueError(f"{value!r} is not a mapping of muscle -> [low, high]")
                 kwargs[name] = {str(m): (float(b[0]), float(b[1])) for m, b in value.items()}
+            elif name == "always_present":
+                if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+                    raise ValueError(f"always_present: {value!r} is not a list of muscle names")
+                kwargs[name] = tuple(str(m) for m in value)
             else:
                 kwargs[name] = float(value)
         return QualitySettings(**kwargs)

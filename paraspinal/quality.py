@@ -12,7 +12,8 @@ What a reader gets, per muscle and side in a stack (:class:`MuscleQuality`):
 * plausibility checks on the outlines themselves, independent of the model's confidence:
   left-right volume asymmetry, maximum cross-sectional area outside a wide adult range, a
   muscle split into separate pieces on a slice, a muscle missing on slices between slices that
-  hold it, and a muscle found on one side only;
+  hold it, a muscle found on one side only, and a muscle that is always there (multifidus,
+  erector spinae) found on neither side;
 * ``review_recommended`` and ``reasons``: one plain sentence per check that fired.
 
 The thresholds are configuration (:class:`QualitySettings`, ``quality:`` in config/default.yaml);
@@ -48,7 +49,11 @@ CHECKS: dict[str, str] = {
     "fragments": "Outline in separate pieces",
     "gaps": "Missing between slices that hold it",
     "one_side": "Found on one side only",
+    "absent": "Not found on either side",
 }
+
+#: Muscles beside every lumbar vertebra (L1-S1), so a lumbar axial stack always holds them.
+DEFAULT_ALWAYS_PRESENT: tuple[str, ...] = ("multifidus", "erector spinae")
 
 
 class QualityError(ValueError):
@@ -66,6 +71,8 @@ class QualitySettings:
         fragment_min_share: a second piece on a slice at least this share of the largest piece's
             area counts as a fragment.
         max_csa_range_mm2: muscle name -> (low, high) plausible largest CSA, mm².
+        always_present: muscles every lumbar stack holds; found on neither side, they are
+            flagged (a model that failed on a series finds nothing, which is not "absent").
     """
 
     uncertainty_threshold: float = 0.15
@@ -74,6 +81,7 @@ class QualitySettings:
     fragment_min_share: float = 0.2
     max_csa_range_mm2: Mapping[str, tuple[float, float]] = field(
         default_factory=lambda: dict(DEFAULT_MAX_CSA_RANGE_MM2))
+    always_present: tuple[str, ...] = DEFAULT_ALWAYS_PRESENT
 
     def __post_init__(self) -> None:
         for name in ("uncertainty_threshold", "slice_uncertainty_threshold", "fragment_min_share"):
@@ -82,6 +90,10 @@ class QualitySettings:
                 raise QualityError(f"[quality] {name}: {value!r} must be within (0, 1]")
         if not float(self.asymmetry_max_pct) > 0.0:
             raise QualityError(f"[quality] asymmetry_max_pct: {self.asymmetry_max_pct!r} must be > 0")
+        unknown = [m for m in self.always_present if m not in DEFAULT_MAX_CSA_RANGE_MM2]
+        if unknown:
+            raise QualityError(f"[quality] always_present: unknown muscle(s) {', '.join(map(repr, unknown))}; "
+                               f"known: {', '.join(DEFAULT_MAX_CSA_RANGE_MM2)}")
         for muscle, bounds in self.max_csa_range_mm2.items():
             if len(bounds) != 2 or not 0.0 <= float(bounds[0]) < float(bounds[1]):
                 raise QualityError(f"[quality] max_csa_range_mm2.{muscle}: {bounds!r} must be [low, high], "
@@ -185,6 +197,9 @@ def assess_muscle(*, muscle: str, side: str, found: bool, contralateral_found: b
     if not found:
         if contralateral_found:
             fired("one_side", f"not found on this side although the {muscle} of the other side was")
+        elif muscle in settings.always_present:
+            fired("absent", f"not found on either side, although every lumbar level holds the {muscle}: "
+                            "the segmentation may have failed on this series")
         return MuscleQuality(None, kind, per_slice, [], bool(reasons), reasons, checks)
     score = weighted_uncertainty(per_slice, slice_csa_mm2)
     uncertain = [k for k, s in enumerate(per_slice) if s is not None and s > settings.slice_uncertainty_threshold]

@@ -236,6 +236,16 @@ def test_no_asymmetry_index_when_one_side_is_not_found(synthetic, bundle_labels)
     assert "one_side" not in measures[1].quality.checks
 
 
+def test_multifidus_missing_on_both_sides_is_flagged_for_review(synthetic, bundle_labels):
+    labels = np.where(np.isin(synthetic["labels"], (1, 2)), 0, synthetic["labels"])  # no multifidus at all
+    measures = {m.label: m for m in measure_stack(synthetic["stack"], labels, bundle_labels.labels, "otsu")}
+    for side in (1, 2):
+        assert not measures[side].found
+        assert measures[side].quality.review_recommended and measures[side].quality.checks == ["absent"]
+        assert "may have failed" in measures[side].as_dict()["quality"]["reasons"][0]
+    assert not measures[3].quality.checks  # erector spinae, found on both sides, unaffected
+
+
 def test_sr_with_every_measure_passes_dciodvfy_and_reads_with_tid1500reader_and_dcmjs(synthetic, bundle_labels,
                                                                                           tmp_path):
     config = load_config(environ={})

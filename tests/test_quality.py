@@ -52,6 +52,7 @@ def test_each_check_fires_with_a_reason_naming_it():
         "fragments": _assess(two_pieces),
         "gaps": _assess(gap),
         "one_side": _assess(np.zeros((5, 40, 40), bool), found=False),
+        "absent": _assess(np.zeros((5, 40, 40), bool), found=False, other=False),
     }
     for check, q in cases.items():
         assert q.review_recommended and q.checks == [check], (check, q.reasons)
@@ -62,9 +63,29 @@ def test_each_check_fires_with_a_reason_naming_it():
     assert "other side" in cases["one_side"].reasons[0]
 
 
-def test_a_muscle_absent_on_both_sides_is_not_flagged():
-    q = _assess(np.zeros((5, 40, 40), bool), found=False, other=False)
+def test_a_muscle_that_may_lie_outside_the_stack_absent_on_both_sides_is_not_flagged():
+    q = assess_muscle(muscle="quadratus lumborum", side="right", found=False, contralateral_found=False,
+                      labels_mask=np.zeros((5, 40, 40), bool), slice_csa_mm2=[0.0] * 5, max_csa_mm2=0.0,
+                      asymmetry_index_pct=None, mirror_disagreement=[None] * 5, entropy=[None] * 5,
+                      settings=QualitySettings())
     assert not q.review_recommended and q.uncertainty is None
+
+
+def test_multifidus_found_on_neither_side_is_flagged_as_a_likely_failure():
+    """Every lumbar level holds multifidus and erector spinae: a model that failed on a series (held-out
+    fold models on tum01 with real air, model card 'Background') finds none, which must not pass quietly."""
+    q = _assess(np.zeros((5, 40, 40), bool), found=False, other=False)
+    assert q.review_recommended and q.checks == ["absent"] and q.uncertainty is None
+    assert "not found on either side" in q.reasons[0] and "may have failed" in q.reasons[0]
+    quiet = _assess(np.zeros((5, 40, 40), bool), found=False, other=False,
+                    settings=QualitySettings(always_present=("erector spinae",)))
+    assert not quiet.review_recommended
+    with pytest.raises(QualityError, match="always_present: unknown muscle"):
+        QualitySettings(always_present=("multifidus", "gluteus"))
+    config = load_config(environ={})
+    assert config.quality.always_present == ("multifidus", "erector spinae")
+    with pytest.raises(ConfigError, match=r"\[quality\].*always_present"):
+        _load_with_site({"quality": {"always_present": "multifidus"}})
 
 
 def test_uncertainty_is_csa_weighted_and_falls_back_to_entropy_without_mirroring():
