@@ -36,7 +36,7 @@ GEOMETRIES = ("basic", "strong")
 
 
 class RandPadToWindowd(RandomizableTransform, MapTransform):
-    """Pad image and label to at least ``roi`` (centred), as the inferer pads small slices.
+    """Pad image and label to at least ``roi`` (centred), as an inferer pads small slices.
 
     With the volume minimum (``pad_value`` of the item: what bundles up to 0.5.0 were inferred
     with) or 0 (MONAI's default), each drawn with probability 1/2. Labels are padded with 0.
