@@ -367,6 +367,33 @@ def test_field_of_view_crop_keeps_the_muscles_renormalises_and_sets_the_pad_valu
     assert never(item)["image"] is image
 
 
+def test_air_margin_frames_the_body_with_dark_noise_and_keeps_every_muscle_voxel():
+    from training.transforms import RandAirMargind
+
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy(rng.normal(0.0, 1.0, (3, 200, 180)).astype(np.float32))
+    label = torch.zeros(1, 200, 180, dtype=torch.int64)
+    label[0, 90:130, 40:70] = 3
+    label[0, 90:130, 110:140] = 4
+    item = {"image": image, "label": label, "labelled": torch.ones(NUM_CLASSES), "pad_value": -2.0}
+    for seed in range(6):
+        transform = RandAirMargind(prob=1.0, margin_mm=(20, 60), ellipse_prob=1.0)
+        transform.set_random_state(seed)
+        out = transform(item)
+        framed, lab = out["image"], out["label"]
+        assert framed.shape[1] >= 240 and framed.shape[2] >= 220 and lab.shape[1:] == framed.shape[1:]
+        assert int((lab == 3).sum()) == 40 * 30 and int((lab == 4).sum()) == 40 * 30  # no muscle cut
+        # The frame (and the cut outside the ellipse) is air: at the darkest value plus a little noise.
+        corner = framed[:, :20, :20]
+        assert float(corner.min()) >= -2.0 and float(corner.max()) < -2.0 + 0.5
+        assert float((framed <= -1.5).float().mean()) > 0.3
+        # Inside the body, the image is untouched: the muscles' voxels keep their values.
+        where = lab[0] == 3
+        assert torch.equal(framed[:, where], image[:, label[0] == 3])
+    never = RandAirMargind(prob=0.0)
+    assert never(item)["image"] is image
+
+
 @needs_real
 def test_evaluation_on_a_clinical_field_of_view_crops_around_the_spine(tiny_bundle: Path, tmp_path: Path):
     from training.data import real_cases

@@ -130,6 +130,7 @@ def training_entry(checkpoint: dict[str, Any]) -> dict[str, Any]:
                 "dixon_contrasts_p": float(config.get("dixon_contrasts", 0.0)),
                 "fov_crop_p": float(config.get("fov_crop", 0.0)),
                 "background_noise_pct": float(config.get("background_noise", 0.0)),
+                "air_margin_p": float(config.get("air_margin", 0.0)),
             },
             "init": config.get("init_checkpoint"),
             "init_run": checkpoint.get("init_provenance"),

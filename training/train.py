@@ -68,6 +68,7 @@ class TrainConfig:
     dixon_contrasts: float = 0.0
     fov_crop: float = 0.0  # probability of a clinical field-of-view crop (RandFieldOfViewd)
     background_noise: float = 0.0  # % of the median: Rayleigh noise in a masked (exactly-0) background; 0: off
+    air_margin: float = 0.0  # probability of framing a slice with air (RandAirMargind); 0: off
     channels: list[int] = field(default_factory=lambda: list(DEFAULT_CHANNELS))
     head: bool = False
     context_slices: int = 0  # 2.5D: neighbour slices on each side as extra input channels
@@ -111,6 +112,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse
                    help="fill the masked (exactly-0) background of a real case (more than "
                         f"{MASKED_BACKGROUND_MIN:.0%} of its voxels at 0, e.g. MyoSegmenTUM) with Rayleigh noise of this "
                         "percent of its median intensity, as a real scan's air; 0: off")
+    p.add_argument("--air-margin", type=float, default=0.0, metavar="P",
+                   help="probability of framing a slice with 0-120 mm of air, half the time inside an elliptical "
+                        "body outline (a wider field of view than the case shows); 0: off")
     p.add_argument("--channels", type=int, nargs="+", default=list(DEFAULT_CHANNELS))
     p.add_argument("--head", action="store_true",
                    help="1x1-conv classification head on channels[0] UNet features (see training.network)")
@@ -139,7 +143,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse
         weight_decay=args.weight_decay, lr_schedule=args.lr_schedule, dice=args.dice,
         side_agnostic=args.side_agnostic, augmentation=args.augmentation,
         geometry=args.geometry, label_synthesis=args.label_synthesis, dixon_contrasts=args.dixon_contrasts,
-        fov_crop=args.fov_crop, background_noise=args.background_noise,
+        fov_crop=args.fov_crop, background_noise=args.background_noise, air_margin=args.air_margin,
         channels=list(args.channels), head=args.head, context_slices=args.context_slices, seed=args.seed, checkpoint_every=args.checkpoint_every,
         threads=args.threads, init_checkpoint=args.init_checkpoint,
     )
@@ -277,7 +281,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, stop
         saved = TrainConfig(**state["config"])
         # Only the length of the run may change on resume; anything else would be another run.
         for key in ("cases", "holdout", "synthetic", "real_fraction", "batch_size", "lr", "dice", "side_agnostic", "augmentation",
-                    "geometry", "label_synthesis", "dixon_contrasts", "fov_crop", "background_noise", "channels", "head", "context_slices",
+                    "geometry", "label_synthesis", "dixon_contrasts", "fov_crop", "background_noise", "air_margin", "channels", "head", "context_slices",
                     "seed"):
             if getattr(saved, key) != getattr(config, key):
                 raise SystemExit(f"--resume: {key} differs from the checkpoint ({getattr(saved, key)!r})")
@@ -285,7 +289,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, stop
     items = [item for s in sets for item in s.items]
     weights = sampling_weights(items, config.real_fraction)
     transforms = train_transforms(MODEL_SPEC.roi_size, config.augmentation, config.geometry,
-                                  config.label_synthesis, config.dixon_contrasts, config.fov_crop)
+                                  config.label_synthesis, config.dixon_contrasts, config.fov_crop, config.air_margin)
     dataset = CacheDataset(items, transform=transforms, cache_rate=1.0, num_workers=0, progress=False)
 
     definition = network_def(tuple(config.channels), head=config.head, in_channels=1 + 2 * config.context_slices)

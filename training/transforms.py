@@ -224,6 +224,67 @@ class RandFieldOfViewd(RandomizableTransform, MapTransform):
         return d
 
 
+class RandAirMargind(RandomizableTransform, MapTransform):
+    """A wider field of view than the training slice shows: the body framed by air.
+
+    MuscleMap's slices are cropped to the trunk (240 x 195 mm, almost no air), so a network
+    trained on them alone never sees the body's outline against air; its only "outside" is the
+    0 (a mid grey after the z-score) that padding and affine warps add. On a whole-trunk scan
+    (MyoSegmenTUM, 400 mm) with real, dark air, such a network found muscle along the body's
+    edge and lost the muscles it segments with grey air (model card, 'Background'). This frames
+    the slice with air on each side (0 to ``margin_mm`` pixels of 1 mm, drawn per side) and,
+    with ``ellipse_prob``, cuts an elliptical body outline first: everything outside an
+    axis-aligned ellipse that holds the labelled muscles with at least ``muscle_margin_mm`` to
+    spare becomes air (the cut runs through the subcutaneous fat around the muscles, a bright
+    rim on dark air, as skin on a real scan). Air is the item's ``pad_value`` (the volume's
+    darkest z-scored voxel) plus Rayleigh noise of ``noise`` (fraction of ``|pad_value|``) per
+    channel. Labels outside the body are 0 by construction; ``pad_value`` is kept.
+    """
+
+    def __init__(self, prob: float = 0.5, margin_mm: tuple[int, int] = (0, 120), ellipse_prob: float = 0.5,
+                 muscle_margin_mm: float = 10.0, noise: tuple[float, float] = (0.01, 0.04)):
+        RandomizableTransform.__init__(self, prob=prob)
+        MapTransform.__init__(self, ("image", "label"))
+        if not 0 <= margin_mm[0] <= margin_mm[1]:
+            raise ValueError(f"margin_mm must be 0 <= low <= high, got {margin_mm!r}")
+        if not 0 <= noise[0] <= noise[1]:
+            raise ValueError(f"noise must be 0 <= low <= high, got {noise!r}")
+        self.margin_mm, self.ellipse_prob, self.muscle_margin_mm, self.noise = margin_mm, ellipse_prob, muscle_margin_mm, noise
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize(None)
+        margins = self.R.randint(self.margin_mm[0], self.margin_mm[1] + 1, size=4)
+        ellipse, widen = self.R.rand() < self.ellipse_prob, self.R.uniform(1.0, 1.3, size=2)
+        noise_fraction, noise_seed = self.R.uniform(*self.noise), int(self.R.randint(0, 2**31 - 1))
+        if not self._do_transform:
+            return d
+        image, label = torch.as_tensor(d["image"]).float(), torch.as_tensor(d["label"])
+        level = float(d.get("pad_value", float(image.min())))
+        channels, ni, nj = image.shape
+        height, width = ni + int(margins[0] + margins[1]), nj + int(margins[2] + margins[3])
+        generator = torch.Generator().manual_seed(noise_seed)
+        sigma = noise_fraction * max(abs(level), 1e-3)
+        rayleigh = torch.hypot(torch.randn(channels, height, width, generator=generator),
+                               torch.randn(channels, height, width, generator=generator))
+        air = level + sigma * rayleigh
+        inside = torch.ones(ni, nj, dtype=torch.bool)
+        where = torch.nonzero(label[0] > 0)
+        if ellipse and len(where):
+            low, high = where.min(0).values.float(), where.max(0).values.float()
+            centre, half = (low + high) / 2.0, (high - low) / 2.0 + self.muscle_margin_mm
+            axes = half * np.sqrt(2.0) * torch.as_tensor(widen, dtype=torch.float32)  # holds the box's corners
+            ii, jj = torch.meshgrid(torch.arange(ni, dtype=torch.float32), torch.arange(nj, dtype=torch.float32),
+                                    indexing="ij")
+            inside = ((ii - centre[0]) / axes[0]) ** 2 + ((jj - centre[1]) / axes[1]) ** 2 <= 1.0
+        box = (slice(None), slice(int(margins[0]), int(margins[0]) + ni), slice(int(margins[2]), int(margins[2]) + nj))
+        air[box] = torch.where(inside, image, air[box])
+        framed = torch.zeros((label.shape[0], height, width), dtype=label.dtype)
+        framed[box] = torch.where(inside, label, torch.zeros_like(label))
+        d["image"], d["label"] = air, framed
+        return d
+
+
 class RandDixonContrastd(RandomizableTransform, MapTransform):
     """Many contrasts from one Dixon acquisition: the image is re-made from the item's
     ``water`` W and ``fat`` F (model space, own units) and z-scored as the application does.
@@ -317,7 +378,8 @@ class RandLabelSynthd(RandomizableTransform, MapTransform):
 
 
 def train_transforms(roi: tuple[int, int], augmentation: str = "contrast", geometry: str = "basic",
-                     label_synthesis: float = 0.0, dixon_contrasts: float = 0.0, fov_crop: float = 0.0) -> Compose:
+                     label_synthesis: float = 0.0, dixon_contrasts: float = 0.0, fov_crop: float = 0.0,
+                     air_margin: float = 0.0) -> Compose:
     """Slice item -> 256x256 training patch (list of one dict, from the pos/neg crop).
 
     Geometric augmentation is always on: with a handful of training volumes it is what
@@ -327,7 +389,8 @@ def train_transforms(roi: tuple[int, int], augmentation: str = "contrast", geome
     and an elastic deformation (p=0.25). ``augmentation`` selects the contrast augmentation
     on top; ``dixon_contrasts`` / ``label_synthesis`` are the probabilities of
     :class:`RandDixonContrastd` and :class:`RandLabelSynthd`, applied to the whole slice first;
-    ``fov_crop`` the probability of :class:`RandFieldOfViewd` (a clinical field of view), next.
+    ``fov_crop`` the probability of :class:`RandFieldOfViewd` (a clinical field of view), next;
+    ``air_margin`` the probability of :class:`RandAirMargind` (the body framed by air), after it.
     """
     if augmentation not in AUGMENTATIONS:
         raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {augmentation!r}")
@@ -341,6 +404,7 @@ def train_transforms(roi: tuple[int, int], augmentation: str = "contrast", geome
     steps += [
         SelectItemsd(keys=("image", "label", "labelled", "pad_value")),
         *([RandFieldOfViewd(prob=fov_crop)] if fov_crop > 0 else []),
+        *([RandAirMargind(prob=air_margin)] if air_margin > 0 else []),
         RandPadToWindowd(keys=("image", "label"), label_key="label", roi=roi),
         RandCropByPosNegLabeld(keys=("image", "label"), label_key="label", spatial_size=roi,
                                pos=2.0, neg=1.0, num_samples=1, allow_smaller=False),
