@@ -533,6 +533,26 @@ def _measurement_group(seg: SegmentationResult, stack: StackVolume, m: MuscleMea
     )
 
 
+def _not_found_group(stack: StackVolume, m: MuscleMeasurement, info: LabelInfo, bundle: ModelBundle
+                     ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group of a muscle and side that quality control flagged although the model did not
+    find it ("stack N <muscle> <side> not found"): no segment to reference and no measurement, only
+    the finding (type and site), "Review recommended" yes and the reason (e.g. "Not found on either
+    side"), so that a reader of the SR, not only of the PDF, learns that the series may have failed."""
+    algorithm = hd.sr.AlgorithmIdentification(name=bundle.name, version=bundle.version)
+    _, evaluations = _quality_items(m, None)
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=stable_uid(stack.series_uid, str(stack.index), bundle.weights_sha256, "not-found", str(info.value)),
+            identifier=f"stack {stack.index} {info.name} not found",
+        ),
+        finding_type=coded(info.code),
+        finding_sites=[hd.sr.FindingSite(anatomic_location=coded(info.code), laterality=coded(info.laterality))],
+        algorithm_id=algorithm,
+        qualitative_evaluations=evaluations,
+    )
+
+
 def _quality_items(m: MuscleMeasurement, algorithm: hd.sr.AlgorithmIdentification | None
                    ) -> tuple[list[hd.sr.Measurement], list[hd.sr.QualitativeEvaluation]]:
     """The muscle's quality control as SR content: "Review recommended" yes/no, one "Reason for
@@ -628,7 +648,11 @@ def build_measurement_report(results: list[tuple[StackVolume, SegmentationResult
     Groups, each referencing its SEG segment (volumetric) or SEG frame (planar), in this order:
 
     * per found muscle, side and stack, a volumetric group (TID 1411) "stack N <muscle> <side>":
-      volume, mean and max CSA, fat fraction by the T2 method, asymmetry index, Goutallier grade;
+      volume, mean and max CSA, fat fraction by the T2 method, asymmetry index, Goutallier grade,
+      and its quality control (review flag, reasons, outline uncertainty);
+    * per muscle, side and stack that was not found but flagged for review (found on one side
+      only, or on neither: the model may have failed), a group (TID 1501) "stack N <muscle>
+      <side> not found" with the review flag and its reason, and no measurement;
     * where Dixon PDFF was measured, a volumetric group "... PDFF" with the PDFF;
     * per lumbar level determined for slices holding the muscle, a volumetric group
       "stack N <muscle> <side> level <L>" with the mean CSA (mm2) and fat fraction (%) over the
@@ -652,6 +676,7 @@ def build_measurement_report(results: list[tuple[StackVolume, SegmentationResult
     groups): the reference the default path must equal byte for byte (``tests/test_benchmarks_equivalence.py``).
     """
     groups: list = []
+    not_found: list = []
     pdff_groups: list = []
     level_groups: list = []
     slice_groups: list = []
@@ -663,6 +688,8 @@ def build_measurement_report(results: list[tuple[StackVolume, SegmentationResult
                                     evaluate_outline)
         frames = seg_frame_numbers(seg.dataset) if per_slice_groups else {}
         for m in measures:
+            if not m.found and m.quality is not None and m.quality.review_recommended:
+                not_found.append(_not_found_group(stack, m, bundle.label(m.label), bundle))
             if not (m.found and m.label in seg.segment_numbers):
                 continue
             info = bundle.label(m.label)
@@ -687,14 +714,16 @@ def build_measurement_report(results: list[tuple[StackVolume, SegmentationResult
     key = ([first_stack.series_uid, bundle.weights_sha256] + [s.dataset.SOPInstanceUID for _, s, _ in results]
            + [content_key(m for _, _, measures in results for m in measures)])
     evidence = [seg.dataset for _, seg, _ in results] + [ds for stack, _, _ in results for ds in stack.sources]
-    report = _measurement_report(groups + pdff_groups + level_groups + slice_groups + drawn, bundle, settings)
+    report = _measurement_report(groups + not_found + pdff_groups + level_groups + slice_groups + drawn, bundle,
+                                 settings)
     # highdicom's SR constructor deep-copies and re-parses the whole content tree and searches it
     # for references: seconds for thousands of per-slice items that highdicom built and checked
     # when they were made. It gets the same report without the per-slice groups; the complete
     # report's root then replaces that content (exactly what the constructor copies from the
     # content it is given), and their references are checked against the evidence here.
     light_content = light_content and bool(slice_groups)
-    light = (_measurement_report(groups + pdff_groups + level_groups + drawn, bundle, settings) if light_content
+    light = (_measurement_report(groups + not_found + pdff_groups + level_groups + drawn, bundle, settings)
+             if light_content
              else report)
     sr = _sr_dataset(evidence, light, key, "sr", settings.sr_series_number, settings.sr_series_description,
                      settings)

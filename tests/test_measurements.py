@@ -246,6 +246,41 @@ def test_multifidus_missing_on_both_sides_is_flagged_for_review(synthetic, bundl
     assert not measures[3].quality.checks  # erector spinae, found on both sides, unaffected
 
 
+def test_sr_names_a_muscle_not_found_with_its_review_flag_for_every_reader(synthetic, bundle_labels, tmp_path):
+    """A muscle the model did not find has no segment and no measurement, but a reader of the SR
+    (not only of the PDF) must learn that the series may have failed: a TID 1501 group per side."""
+    import highdicom as hd
+
+    config = load_config(environ={})
+    labels = np.where(np.isin(synthetic["labels"], (1, 2)), 0, synthetic["labels"])  # no multifidus at all
+    stack = synthetic["stack"]
+    measures = measure_stack(stack, labels, bundle_labels.labels, "otsu")
+    seg = build_segmentation(stack, labels, bundle_labels, config.output)
+    sr_path = tmp_path / "sr.dcm"
+    build_measurement_report([(stack, seg, measures)], bundle_labels, config.output).save_as(
+        sr_path, enforce_file_format=True)
+    assert dciodvfy_errors(sr_path) == []
+
+    groups = {g["TrackingIdentifier"]: g for g in dcmqi_read_sr(sr_path, tmp_path)["Measurements"]}
+    for side in ("right", "left"):
+        group = groups[f"stack 1 multifidus {side} not found"]
+        assert not group.get("measurementItems") and "ReferencedSegment" not in group
+        evaluations = {item["conceptCode"]["CodeValue"]: item["conceptValue"]["CodeMeaning"]
+                       for item in group["qualitativeEvaluations"]}
+        assert evaluations == {"REVIEWREC": "Yes", "REVIEWWHY": CHECKS["absent"]}
+    assert "stack 1 erector spinae right not found" not in groups  # found: its own volumetric group
+    assert "stack 1 erector spinae right" in groups
+
+    report = hd.sr.srread(sr_path).content  # highdicom: TID 1501 "image measurement" groups
+    found = {str(g.tracking_identifier): g for g in report.get_image_measurement_groups()}
+    assert set(found) == {"stack 1 multifidus right not found", "stack 1 multifidus left not found"}
+    for group in found.values():
+        assert group.finding_type.value == bundle_labels.label(1).code.value  # multifidus
+        assert {(q.name.meaning, q.value.meaning) for q in group.get_qualitative_evaluations()} == {
+            ("Review recommended", "Yes"), ("Reason for review", CHECKS["absent"])}
+    assert len(dcmjs_read(sr_path)["sr"]["measurementGroups"]) == len(groups)
+
+
 def test_sr_with_every_measure_passes_dciodvfy_and_reads_with_tid1500reader_and_dcmjs(synthetic, bundle_labels,
                                                                                           tmp_path):
     config = load_config(environ={})
