@@ -19,7 +19,8 @@ import yaml
 
 # The settings domain code reads live beside it (paraspinal never imports app); re-exported here.
 from paraspinal.quality import QualityError, QualitySettings
-from paraspinal.settings import RESEARCH_USE_STATEMENT, OutputSettings, SelectionRules  # noqa: F401
+from paraspinal.settings import (RESEARCH_USE_STATEMENT, OutputSettings, QuantificationSettings,  # noqa: F401
+                                 SelectionRules, SettingsError)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "config" / "default.yaml"
@@ -27,40 +28,6 @@ DEFAULT_MODEL_PATH = PROJECT_ROOT / "models"
 ENV_PREFIX = "PARASPINAL__"
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or of the wrong type."""
-
-
-@dataclass(frozen=True)
-class QuantificationSettings:
-    """How muscles are measured (README "Measurements").
-
-    Attributes:
-        fat_method: key of ``paraspinal.fat_methods.FAT_METHODS``.
-        bias_correction: ``"n4"`` (SimpleITK N4 before fat separation) or ``"none"``.
-        dixon_pdff: ``"auto"`` (PDFF beside the T2 method when the study has Dixon water and fat
-            series on the T2's frame of reference) or ``"off"``.
-        min_muscle_voxels: muscles with fewer voxels in a stack are reported as not found.
-        pdff_erosion_voxels: the Dixon PDFF is measured in each muscle's mask eroded in-plane by
-            this many voxels (0: the whole mask; ``paraspinal.quantification.eroded_in_plane``).
-    """
-
-    fat_method: str
-    bias_correction: str
-    dixon_pdff: str
-    min_muscle_voxels: int
-    pdff_erosion_voxels: int
-
-    def __post_init__(self) -> None:
-        from paraspinal.fat_methods import FAT_METHODS  # light: numpy/scipy/scikit-image only
-
-        allowed = {"fat_method": tuple(FAT_METHODS), "bias_correction": ("n4", "none"),
-                   "dixon_pdff": ("auto", "off")}
-        for name, choices in allowed.items():
-            value = getattr(self, name)
-            if value not in choices:
-                raise ConfigError(f"[quantification] {name}: {value!r} is not one of {', '.join(choices)}")
-        if not 0 <= self.pdff_erosion_voxels <= 10:
-            raise ConfigError(f"[quantification] pdff_erosion_voxels: {self.pdff_erosion_voxels!r} is not "
-                              "between 0 and 10 voxels")
 
 
 @dataclass(frozen=True)
@@ -337,7 +304,10 @@ def _build(cls: type, section: str, values: Mapping[str, Any], base_dir: Path) -
                 kwargs[name] = str(value) if value is not None else ""
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"[{section}] {name}: {exc}") from exc
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except SettingsError as exc:  # a domain settings type's own validation (paraspinal.settings)
+        raise ConfigError(str(exc)) from exc
 
 
 def _build_quality(values: Mapping[str, Any]) -> QualitySettings:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from monai.deploy.core import Fragment
 
-from app.config import QuantificationSettings
+from paraspinal.settings import QuantificationSettings
 from paraspinal.quality import QualitySettings
 from operators.study_stage import StudyStageOperator
 from paraspinal.dixon import DixonPair, find_dixon_pair, pdff_on_stack

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from monai.deploy.core import Fragment
 from pydicom.dataset import Dataset
 
-from app.config import OutputSettings, QuantificationSettings
+from paraspinal.settings import OutputSettings, QuantificationSettings
 from operators.study_stage import StudyStageOperator
 from paraspinal.dicom_outputs import SOFTWARE_VERSION, content_key, stable_uid
 from paraspinal.model_bundle import ModelBundle

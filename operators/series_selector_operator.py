@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from monai.deploy.core import Fragment
 
-from app.config import SelectionRules
+from paraspinal.settings import SelectionRules
 from operators.study_stage import StudyStageOperator
 from paraspinal.series_selection import select_series
 from paraspinal.stacks import load_stack
