@@ -367,6 +367,25 @@ def test_field_of_view_crop_keeps_the_muscles_renormalises_and_sets_the_pad_valu
     assert never(item)["image"] is image
 
 
+def test_wide_gamma_spans_both_real_subjects_muscle_to_fat_contrast():
+    """Muscle at 6 % of the intensity range (MuscleMap T2 TSE) must be able to reach 27 % (tum01's
+    water + fat sum) and back: gamma 0.48 / 2.1, outside the default 0.6-1.6."""
+    from training.transforms import RandContrastd
+
+    levels = torch.tensor([0.064, 0.27])
+    default, wide = RandContrastd(keys=("image",)), RandContrastd(keys=("image",), gamma=(0.4, 2.5))
+    reached = {"default": set(), "wide": set()}
+    for name, transform in (("default", default), ("wide", wide)):
+        transform.set_random_state(0)
+        for _ in range(200):
+            low, high = (float(v) for v in transform._gamma(levels))
+            reached[name] |= {"T2 -> in-phase"} if low > 0.25 else set()
+            reached[name] |= {"in-phase -> T2"} if high < 0.08 else set()
+    assert reached["wide"] == {"T2 -> in-phase", "in-phase -> T2"} and reached["default"] == set()
+    with pytest.raises(ValueError, match="gamma"):
+        RandContrastd(keys=("image",), gamma=(1.2, 2.0))
+
+
 def test_air_margin_frames_the_body_with_dark_noise_and_keeps_every_muscle_voxel():
     from training.transforms import RandAirMargind
 

@@ -131,6 +131,7 @@ def training_entry(checkpoint: dict[str, Any]) -> dict[str, Any]:
                 "fov_crop_p": float(config.get("fov_crop", 0.0)),
                 "background_noise_pct": float(config.get("background_noise", 0.0)),
                 "air_margin_p": float(config.get("air_margin", 0.0)),
+                "gamma_range": list(config["gamma"]) if config.get("gamma") else None,
             },
             "init": config.get("init_checkpoint"),
             "init_run": checkpoint.get("init_provenance"),

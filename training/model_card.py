@@ -195,7 +195,9 @@ def _training_section(training: dict[str, Any]) -> list[str]:
         + (f"; a masked (exactly-0) background filled with Rayleigh noise of {aug['background_noise_pct']:g} % of "
            "the median intensity, as a real scan's air (tum01)" if aug.get("background_noise_pct") else "")
         + (f"; the slice framed by 0-120 mm of noisy air, half the time inside an elliptical body outline, "
-           f"p={aug['air_margin_p']}" if aug.get("air_margin_p") else "") + ".",
+           f"p={aug['air_margin_p']}" if aug.get("air_margin_p") else "")
+        + (f"; gamma {aug['gamma_range'][0]:g}-{aug['gamma_range'][1]:g} log-uniform (p=0.5) in the contrast augmentation"
+           if aug.get("gamma_range") else "") + ".",
         f"- Model selection: {recipe.get('selection')}.",
         f"- Initial weights: {describe_init(recipe.get('init'), recipe.get('init_run'), training.get('data', []))}.",
         f"- Final training loss (mean of the last 100 iterations): {training.get('final_loss_mean_last_100')}.",

@@ -69,6 +69,7 @@ class TrainConfig:
     fov_crop: float = 0.0  # probability of a clinical field-of-view crop (RandFieldOfViewd)
     background_noise: float = 0.0  # % of the median: Rayleigh noise in a masked (exactly-0) background; 0: off
     air_margin: float = 0.0  # probability of framing a slice with air (RandAirMargind); 0: off
+    gamma: list[float] | None = None  # log-uniform gamma range of the contrast augmentation; None: 0.6-1.6 uniform
     channels: list[int] = field(default_factory=lambda: list(DEFAULT_CHANNELS))
     head: bool = False
     context_slices: int = 0  # 2.5D: neighbour slices on each side as extra input channels
@@ -115,6 +116,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse
     p.add_argument("--air-margin", type=float, default=0.0, metavar="P",
                    help="probability of framing a slice with 0-120 mm of air, half the time inside an elliptical "
                         "body outline (a wider field of view than the case shows); 0: off")
+    p.add_argument("--gamma", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="draw the contrast augmentation's gamma log-uniformly from LOW-HIGH (e.g. 0.4 2.5, which spans "
+                        "the muscle-to-fat contrast of both real subjects); default: 0.6-1.6 uniform")
     p.add_argument("--channels", type=int, nargs="+", default=list(DEFAULT_CHANNELS))
     p.add_argument("--head", action="store_true",
                    help="1x1-conv classification head on channels[0] UNet features (see training.network)")
@@ -144,6 +148,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse
         side_agnostic=args.side_agnostic, augmentation=args.augmentation,
         geometry=args.geometry, label_synthesis=args.label_synthesis, dixon_contrasts=args.dixon_contrasts,
         fov_crop=args.fov_crop, background_noise=args.background_noise, air_margin=args.air_margin,
+        gamma=list(args.gamma) if args.gamma else None,
         channels=list(args.channels), head=args.head, context_slices=args.context_slices, seed=args.seed, checkpoint_every=args.checkpoint_every,
         threads=args.threads, init_checkpoint=args.init_checkpoint,
     )
@@ -281,7 +286,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, stop
         saved = TrainConfig(**state["config"])
         # Only the length of the run may change on resume; anything else would be another run.
         for key in ("cases", "holdout", "synthetic", "real_fraction", "batch_size", "lr", "dice", "side_agnostic", "augmentation",
-                    "geometry", "label_synthesis", "dixon_contrasts", "fov_crop", "background_noise", "air_margin", "channels", "head", "context_slices",
+                    "geometry", "label_synthesis", "dixon_contrasts", "fov_crop", "background_noise", "air_margin", "gamma", "channels", "head", "context_slices",
                     "seed"):
             if getattr(saved, key) != getattr(config, key):
                 raise SystemExit(f"--resume: {key} differs from the checkpoint ({getattr(saved, key)!r})")
@@ -289,7 +294,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, stop
     items = [item for s in sets for item in s.items]
     weights = sampling_weights(items, config.real_fraction)
     transforms = train_transforms(MODEL_SPEC.roi_size, config.augmentation, config.geometry,
-                                  config.label_synthesis, config.dixon_contrasts, config.fov_crop, config.air_margin)
+                                  config.label_synthesis, config.dixon_contrasts, config.fov_crop, config.air_margin,
+                                  tuple(config.gamma) if config.gamma else None)
     dataset = CacheDataset(items, transform=transforms, cache_rate=1.0, num_workers=0, progress=False)
 
     definition = network_def(tuple(config.channels), head=config.head, in_channels=1 + 2 * config.context_slices)
