@@ -576,12 +576,15 @@ def test_2_5d_training_slices_carry_the_neighbours_around_the_centre_slice():
     deep = case_slices(case, replace(MODEL_SPEC, context_slices=1)).items
     assert [i["slice"] for i in flat] == [i["slice"] for i in deep]
     by_slice = {i["slice"]: i["image"] for i in flat}
+    tissue_by_slice = {i["slice"]: i["tissue"] for i in flat}
     for item in deep:
         k = item["slice"]
-        assert item["image"].shape[0] == 3
+        assert item["image"].shape[0] == 3 and item["tissue"].shape[0] == 3  # label synthesis re-draws each slice
         assert torch.equal(item["image"][1], by_slice[k][0])
+        assert torch.equal(item["tissue"][1], tissue_by_slice[k][0])
         if k - 1 in by_slice:
             assert torch.equal(item["image"][0], by_slice[k - 1][0])
+            assert torch.equal(item["tissue"][0], tissue_by_slice[k - 1][0])
 
 
 def test_2_5d_bundle_declares_its_input_and_the_application_feeds_it_the_neighbour_slices(
@@ -693,6 +696,28 @@ def test_label_synthesis_redraws_intensities_but_keeps_the_anatomy():
         differences.append(float(img[25, 17] - img[45, 30]))  # muscle minus fat, random sign
         assert float(img[20:30, 10:25].std()) < float(img.std())  # a muscle is one tissue class
     assert min(differences) < 0 < max(differences)
+
+
+def test_label_synthesis_of_a_2_5d_item_draws_each_slice_from_its_own_tissue_with_shared_class_intensities():
+    from training.transforms import RandLabelSynthd
+
+    item = _slice_item(False)
+    shifted = torch.roll(item["tissue"], shifts=6, dims=2)  # the neighbour slice: the anatomy moved
+    item = {**item, "image": item["image"].repeat(3, 1, 1),
+            "tissue": torch.cat([shifted, item["tissue"], item["tissue"]], dim=0)}
+    t = RandLabelSynthd(prob=1.0)
+    t.set_random_state(2)
+    contrasts = []
+    for _ in range(6):
+        out = t(item)["image"]
+        assert tuple(out.shape) == (3, 64, 64)
+        # one intensity per class in every slice (noise apart); in the moved neighbour the muscle moved along
+        muscle, fat = out[:, 20:30, 10:25].mean(dim=(1, 2)), out[:, 40:60, 30:40].mean(dim=(1, 2))
+        assert abs(float(muscle[1] - muscle[2])) < 0.1 and abs(float(fat[1] - fat[2])) < 0.1
+        assert abs(float(out[0, 20:30, 16:31].mean() - muscle[1])) < 0.1
+        contrast = abs(float(muscle[1] - fat[1]))
+        contrasts.append(contrast)
+    assert max(contrasts) > 0.3  # the drawn classes differ: the checks above are not trivially met
 
 
 def test_synthetic_cache_write_survives_another_writer_of_the_same_case(tmp_path: Path, monkeypatch):

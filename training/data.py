@@ -365,7 +365,7 @@ def case_slices(case: LoadedCase, spec: PreprocessingSpec = MODEL_SPEC, only_lab
 
     Each item: ``image`` (1 + 2n, I, J) float32 z-scored (n = ``spec.context_slices``: the
     neighbour slices of a 2.5D model as extra channels, centre slice in the middle), ``label`` (1, I, J) int64 bundle
-    labels, ``tissue`` (1, I, J) int64 (:func:`tissue_map`), the case's components (Dixon
+    labels, ``tissue`` (1 + 2n, I, J) int64 (:func:`tissue_map`, neighbour slices like ``image``), the case's components (Dixon
     ``water``/``fat``, resampled, own units) when it has them, ``labelled`` (NUM_CLASSES,) float32 1/0 per class, ``pad_value`` (the volume
     minimum, one of the training paddings: :class:`training.transforms.RandPadToWindowd`) and provenance keys.
     Slices without any muscle label are skipped when ``only_labelled``: the annotation of
@@ -377,6 +377,7 @@ def case_slices(case: LoadedCase, spec: PreprocessingSpec = MODEL_SPEC, only_lab
     image = data["image"].as_tensor().float()
     label = data["label"].as_tensor().round().to(torch.int64)
     tissue = torch.from_numpy(tissue_map(image.numpy(), label.numpy(), case.labelled_classes).astype(np.int64))
+    tissue = with_neighbour_slices(tissue, spec.context_slices)  # each channel re-drawn from its own slice
     components = {name: with_neighbour_slices(data[name].as_tensor().float(), spec.context_slices)
                   for name in case.components}
     pad_value = float(image.min())

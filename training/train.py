@@ -167,9 +167,6 @@ def collect_slices(config: TrainConfig) -> list[SliceSet]:
     if unknown:
         raise CaseError(f"unknown case(s) {unknown}; known: {sorted(registry)}")
     check_held_out(config.cases, config.holdout)
-    if config.context_slices and config.label_synthesis > 0:
-        raise CaseError("--label-synthesis draws one slice from its tissue map; it cannot be combined with "
-                        "--context-slices (2.5D)")
     spec = replace(MODEL_SPEC, context_slices=config.context_slices)
     sets = [case_slices(_with_real_air(registry[c].load(), config), spec) for c in config.cases]
     if config.synthetic > 0:

@@ -356,7 +356,9 @@ class RandLabelSynthd(RandomizableTransform, MapTransform):
     Muscles share one mean (+-0.05) with probability 0.5 (real muscles look alike; the label
     must then come from anatomy) and get independent means otherwise. Masked background stays
     0 with probability 0.8. Then a Gaussian blur of sigma in [0, 1] voxel (partial volume) and
-    the z-score. Bias field, gamma and noise come after, from :class:`RandContrastd`.
+    the z-score. Bias field, gamma and noise come after, from :class:`RandContrastd`. A 2.5D
+    item's neighbour slices are re-drawn from their own tissue maps with the same intensity per
+    class, so the channels stay one acquisition.
     """
 
     def __init__(self, prob: float = 0.4):
@@ -389,7 +391,8 @@ class RandLabelSynthd(RandomizableTransform, MapTransform):
                 out[where] = mean + self.R.uniform(0.0, 0.06) * self.R.standard_normal(int(where.sum()))
         sigma = self.R.uniform(0.0, 1.0)
         if sigma > 0.2:
-            out[0] = ndimage.gaussian_filter(out[0], sigma)
+            for c in range(out.shape[0]):  # a 2.5D item: every slice blurred alike, in-plane only
+                out[c] = ndimage.gaussian_filter(out[c], sigma)
         d["image"] = _zscore_nonzero(torch.from_numpy(out))
         return d
 
