@@ -116,8 +116,9 @@ class RandContrastd(RandomizableTransform, MapTransform):
     ``(low, high)`` draws it log-uniformly from that range instead, as many below 1 as above. Why
     wider: muscle sits at 6 % of the foreground's intensity range on MuscleMap's T2 TSE and at
     27 % on MyoSegmenTUM's water + fat sum, a gamma of 0.48 (or 2.1 the other way), outside
-    0.6-1.6; the fold models lost the muscles of the subject whose contrast they never saw
-    (model card, 'Contrast').
+    0.6-1.6; the fold models lost the muscles of the subject whose contrast they never saw.
+    Measured (0.6.0 card, 'Contrast'): 0.4-2.5 made the fold A models worse on tum01 in every
+    contrast tried (20 real training slices); not in the shipped recipe.
     """
 
     def __init__(self, keys: KeysCollection, gamma: tuple[float, float] | None = None):
@@ -248,7 +249,8 @@ class RandAirMargind(RandomizableTransform, MapTransform):
     trained on them alone never sees the body's outline against air; its only "outside" is the
     0 (a mid grey after the z-score) that padding and affine warps add. On a whole-trunk scan
     (MyoSegmenTUM, 400 mm) with real, dark air, such a network found muscle along the body's
-    edge and lost the muscles it segments with grey air (model card, 'Background'). This frames
+    edge and lost the muscles it segments with grey air (model card, 'Background'; the larger
+    cause was the contrast, section 'Contrast', and this option's runs were not finished). This frames
     the slice with air on each side (0 to ``margin_mm`` pixels of 1 mm, drawn per side) and,
     with ``ellipse_prob``, cuts an elliptical body outline first: everything outside an
     axis-aligned ellipse that holds the labelled muscles with at least ``muscle_margin_mm`` to
