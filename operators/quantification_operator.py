@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from monai.deploy.core import Fragment
 
-from paraspinal.settings import QuantificationSettings
-from paraspinal.quality import QualitySettings
 from operators.study_stage import StudyStageOperator
 from paraspinal.dixon import DixonPair, find_dixon_pair, pdff_on_stack
 from paraspinal.levels import POSITION_NOTE, SliceLevels, StudyLevelSources, determine_levels
 from paraspinal.model_bundle import ModelBundle
+from paraspinal.quality import QualitySettings
 from paraspinal.quantification import measure_stack
+from paraspinal.settings import QuantificationSettings
 from paraspinal.study_job import JobStatus, StackWork, StudyJob
 
 

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from monai.deploy.core import Fragment
 from pydicom.dataset import Dataset
 
-from paraspinal.settings import OutputSettings, QuantificationSettings
 from operators.study_stage import StudyStageOperator
 from paraspinal.dicom_outputs import SOFTWARE_VERSION, content_key, stable_uid
 from paraspinal.model_bundle import ModelBundle
 from paraspinal.report_pdf import ReportContext, ReportStack, encapsulated_pdf, render_report_pdf
+from paraspinal.settings import OutputSettings, QuantificationSettings
 from paraspinal.study_job import StudyJob
 
 

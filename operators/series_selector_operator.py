@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from monai.deploy.core import Fragment
 
-from paraspinal.settings import SelectionRules
 from operators.study_stage import StudyStageOperator
 from paraspinal.series_selection import select_series
+from paraspinal.settings import SelectionRules
 from paraspinal.stacks import load_stack
 from paraspinal.study_job import JobStatus, StackWork, StudyJob
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from monai.deploy.core import Fragment
 
-from paraspinal.settings import OutputSettings
 from operators.study_stage import StudyStageOperator
 from paraspinal.dicom_outputs import build_measurement_report, build_viewer_report
 from paraspinal.model_bundle import ModelBundle
+from paraspinal.settings import OutputSettings
 from paraspinal.study_job import StudyJob
 
 
