@@ -246,20 +246,24 @@ def test_multifidus_missing_on_both_sides_is_flagged_for_review(synthetic, bundl
     assert not measures[3].quality.checks  # erector spinae, found on both sides, unaffected
 
 
+def _write_valid_sr(stack, labels, measures, bundle, tmp_path: Path):
+    """SEG and SR of ``labels`` on ``stack``; the SR saved and dciodvfy-clean. Returns (SR path, SEG)."""
+    config = load_config(environ={})
+    seg = build_segmentation(stack, labels, bundle, config.output)
+    sr_path = tmp_path / "sr.dcm"
+    build_measurement_report([(stack, seg, measures)], bundle, config.output).save_as(sr_path, enforce_file_format=True)
+    assert dciodvfy_errors(sr_path) == []
+    return sr_path, seg
+
+
 def test_sr_names_a_muscle_not_found_with_its_review_flag_for_every_reader(synthetic, bundle_labels, tmp_path):
     """A muscle the model did not find has no segment and no measurement, but a reader of the SR
     (not only of the PDF) must learn that the series may have failed: a TID 1501 group per side."""
     import highdicom as hd
 
-    config = load_config(environ={})
     labels = np.where(np.isin(synthetic["labels"], (1, 2)), 0, synthetic["labels"])  # no multifidus at all
-    stack = synthetic["stack"]
-    measures = measure_stack(stack, labels, bundle_labels.labels, "otsu")
-    seg = build_segmentation(stack, labels, bundle_labels, config.output)
-    sr_path = tmp_path / "sr.dcm"
-    build_measurement_report([(stack, seg, measures)], bundle_labels, config.output).save_as(
-        sr_path, enforce_file_format=True)
-    assert dciodvfy_errors(sr_path) == []
+    measures = measure_stack(synthetic["stack"], labels, bundle_labels.labels, "otsu")
+    sr_path, _ = _write_valid_sr(synthetic["stack"], labels, measures, bundle_labels, tmp_path)
 
     groups = {g["TrackingIdentifier"]: g for g in dcmqi_read_sr(sr_path, tmp_path)["Measurements"]}
     for side in ("right", "left"):
@@ -283,13 +287,8 @@ def test_sr_names_a_muscle_not_found_with_its_review_flag_for_every_reader(synth
 
 def test_sr_with_every_measure_passes_dciodvfy_and_reads_with_tid1500reader_and_dcmjs(synthetic, bundle_labels,
                                                                                           tmp_path):
-    config = load_config(environ={})
     stack, labels, measures = synthetic["stack"], synthetic["labels"], synthetic["measures"]
-    seg = build_segmentation(stack, labels, bundle_labels, config.output)
-    sr_path = tmp_path / "sr.dcm"
-    build_measurement_report([(stack, seg, measures)], bundle_labels, config.output).save_as(
-        sr_path, enforce_file_format=True)
-    assert dciodvfy_errors(sr_path) == []
+    sr_path, seg = _write_valid_sr(stack, labels, measures, bundle_labels, tmp_path)
 
     groups = {g["TrackingIdentifier"]: g for g in dcmqi_read_sr(sr_path, tmp_path)["Measurements"]}
     n_slices = sum(len(m.present_slices) for m in measures)
