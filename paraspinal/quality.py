@@ -29,6 +29,8 @@ from typing import Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
+from paraspinal.settings import SettingsError
+
 #: Plausible range of a muscle's largest cross-sectional area in a lumbar stack, mm² (one side,
 #: adults). Deliberately wide: outside it an outline is much more likely wrong than the muscle
 #: unusual. Published mean CSAs (L3-L5, per side): multifidus about 600-1000, erector spinae about
@@ -56,7 +58,7 @@ CHECKS: dict[str, str] = {
 DEFAULT_ALWAYS_PRESENT: tuple[str, ...] = ("multifidus", "erector spinae")
 
 
-class QualityError(ValueError):
+class QualityError(SettingsError):
     """A quality-control setting is out of range."""
 
 

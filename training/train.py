@@ -117,8 +117,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse
                    help="probability of framing a slice with 0-120 mm of air, half the time inside an elliptical "
                         "body outline (a wider field of view than the case shows); 0: off")
     p.add_argument("--gamma", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
-                   help="draw the contrast augmentation's gamma log-uniformly from LOW-HIGH (e.g. 0.4 2.5, which spans "
-                        "the muscle-to-fat contrast of both real subjects); default: 0.6-1.6 uniform")
+                   help="draw the contrast augmentation's gamma log-uniformly from LOW-HIGH (0.4 2.5 spans both real "
+                        "subjects' muscle-to-fat contrast, and made fold A worse: 0.6.0 card, 'Contrast'); "
+                        "default: 0.6-1.6 uniform")
     p.add_argument("--channels", type=int, nargs="+", default=list(DEFAULT_CHANNELS))
     p.add_argument("--head", action="store_true",
                    help="1x1-conv classification head on channels[0] UNet features (see training.network)")
