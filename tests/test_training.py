@@ -838,3 +838,19 @@ def test_fine_tune_from_bundle_on_site_nifti(tiny_bundle: Path, tmp_path: Path):
     meta = load_bundle(tmp_path / "ft_bundle", "cpu").metadata
     assert meta["training"]["data"][0].startswith("site:p1")
     assert meta["training"]["recipe"]["init"] == str(tiny_bundle)
+
+
+@pytest.mark.parametrize("module", ["training.train", "training.evaluate", "training.export", "training.compare",
+                                    "training.qc_validation"])
+def test_training_command_help_renders(module: str):
+    """argparse formats help with %: a stray % in a help text breaks --help (it did for train)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage:" in proc.stdout

@@ -111,7 +111,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse
                    help="probability of cropping a slice to a clinical 140-260 mm field of view around the spine")
     p.add_argument("--background-noise", type=float, default=0.0, metavar="PERCENT",
                    help="fill the masked (exactly-0) background of a real case (more than "
-                        f"{MASKED_BACKGROUND_MIN:.0%} of its voxels at 0, e.g. MyoSegmenTUM) with Rayleigh noise of this "
+                        f"{MASKED_BACKGROUND_MIN * 100:.0f} %% of its voxels at 0, e.g. MyoSegmenTUM) with Rayleigh noise of this "
                         "percent of its median intensity, as a real scan's air; 0: off")
     p.add_argument("--air-margin", type=float, default=0.0, metavar="P",
                    help="probability of framing a slice with 0-120 mm of air, half the time inside an elliptical "
