@@ -57,15 +57,20 @@ DEFAULT_LIMITS: tuple[str, ...] = (
     "trunk: check them (model card, 'Padding').",
     "Background: MyoSegmenTUM tum01 is masked to exactly 0 outside the body, and the z-score over non-zero "
     "voxels leaves that air at 0, a mid grey; a real scan has noise there, which the z-score makes dark. "
-    "Models trained without tum01 (fold A: MuscleMap + phantoms) lost most or all of the muscles on tum01 "
-    "with noise in its air (multifidus + erector spinae 0.51 / 0.00 / 0.29 by seed, against 0.79 / 0.77 / "
-    "0.70 with the masked air): a subject unlike the training one can fail outright, and the review flag "
-    "is the reader's cue. From 0.6.0, tum01's air is filled with noise in training (`--background-noise 2`) "
-    "and fold A is tested with real air (`training.evaluate --background-noise 1`; model card, 'Background').",
+    "Models trained without tum01 (fold A: MuscleMap + phantoms, recipes up to 0.6.0) lost most or all of the "
+    "muscles on tum01 with noise in its air (multifidus + erector spinae 0.51 / 0.00 / 0.29 by seed, against "
+    "0.79 / 0.77 / 0.70 with the masked air): a subject unlike the training one can fail outright, and the "
+    "review flag is the reader's cue. From 0.6.0, tum01's air is filled with noise in training "
+    "(`--background-noise 2`) and fold A is tested with real air (`training.evaluate --background-noise 1`; "
+    "model card, 'Background'); the cause was the contrast (next limit).",
     "Contrast: the real training data are one T2 TSE subject (MuscleMap: muscle at 6 % of the intensity "
-    "range) and one Dixon water + fat sum (tum01: muscle at 27 %). A model that learned only one of them lost "
-    "the muscles of the other (fold A on tum01 with real air, 0.6.0: 0.51 / 0.00 / 0.29 by seed), and found "
-    "them again when tum01 was re-mixed with T2-like contrast (0.82 / 0.75 / 0.71; model card, 'Contrast'). "
+    "range) and one Dixon water + fat sum (tum01: muscle at 27 %). Without label-driven synthesis a model that "
+    "learned only one of them lost the muscles of the other (fold A on tum01 with real air, 0.6.0 recipe: "
+    "0.51 / 0.00 / 0.29 by seed) and found them again when tum01 was re-mixed with T2-like contrast (0.82 / "
+    "0.75 / 0.71; model card, 'Contrast'). From 0.7.0 half of the training slices are drawn from tissue maps "
+    "with random intensities (`--label-synthesis 0.5`): fold A then keeps the muscles (0.84), while fold B "
+    "(trained on tum01, tested on MuscleMap) loses 0.08 for multifidus + erector spinae and 0.14 over all 8 "
+    "muscles, mostly multifidus drawn smaller than MuscleMap's outline (model card, 'Label-driven synthesis'). "
     "A series whose muscle-to-fat contrast lies outside both (proton density, short echo time, strong "
     "T1 weighting) is untested; the series selector admits T2 only, but not every T2 looks alike.",
     "Laterality follows the image geometry (RAS model space); a wrong orientation in the DICOM header "
