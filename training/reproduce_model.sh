@@ -17,7 +17,7 @@
 # The recipe is 0.3.0's with a 2.5D input (--context-slices 1: the slice and its two neighbours
 # as channels) and 3000 iterations; both raised held-out Dice in both folds, while stronger geometry and
 # Dixon contrast synthesis did not (model card); label-driven synthesis, neutral in 0.3.0's ablation,
-# kept fold A's muscles on tum01 with real air from 0.7.0 (model card). ITERS=1500 LSYN=0 gives 0.4.0's
+# kept fold A's muscles on tum01 with real air from 0.7.0 (model card). ITERS=1500 BG_NOISE=0 LSYN=0 gives 0.4.0's
 # recipe. Every step resumes (--resume), so an interrupted run continues where it stopped.
 # CPU: about 30-50 min per run on one free core (torch 1 thread; 2-3x longer on a busy machine),
 # 7 runs with the default seeds (SEEDS=0 gives the one-seed figures of earlier cards in 3 runs).
@@ -28,7 +28,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${1:-output/reproduce_${ITERS:-3000}it_bg${BG_NOISE:-2}_lsyn${LSYN:-0.5}$([ "${FOV_CROP:-0}" != 0 ] && echo "_fov${FOV_CROP}")}
 BUNDLE=${BUNDLE:-models/paraspinal_t2ax}
-ITERS=${ITERS:-3000}  # the shipped 0.7.0: 3000; ITERS=1500 gives 0.4.0's recipe
+ITERS=${ITERS:-3000}  # the shipped 0.7.0: 3000; ITERS=1500 BG_NOISE=0 LSYN=0 gives 0.4.0's recipe
 BG_NOISE=${BG_NOISE:-2}  # % of the median intensity in tum01's masked air; 0: the 0.5.1 recipe
 LSYN=${LSYN:-0.5}  # probability of a label-synthesised training slice; 0: the 0.6.0 recipe
 VERSION=${VERSION:-$([ "$LSYN" != 0 ] && echo 0.7.0 || { [ "$BG_NOISE" = 0 ] && echo 0.5.1 || echo 0.6.0; })$([ "$ITERS" = 3000 ] || echo "+${ITERS}it")$([ "${FOV_CROP:-0}" != 0 ] && echo "+fov${FOV_CROP}")}
