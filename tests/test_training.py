@@ -490,6 +490,22 @@ def test_warm_restart_records_the_run_it_continues_in_the_card(tmp_path: Path):
     assert "min for the run(s) it continues" in card
 
 
+def test_model_card_shows_this_recipes_checks_before_the_limits_and_earlier_cards_after_newest_first():
+    from training.model_card import render_model_card
+
+    checks = [{"title": "Old ablation [0.3.0 card]", "text": "a"}, {"title": "Folds [0.5.1 card]", "text": "b"},
+              {"title": "Timing [0.5.1 card]", "text": "c"}, {"title": "Folds of this recipe", "text": "d"},
+              {"title": "QC of this recipe", "text": "e"}]
+    card = render_model_card({"name": "m", "version": "1.0.0", "evaluation": {
+        "measured": False, "cross_validation": {"method": "folds", "per_label_dice": {"1": 0.7}},
+        "recipe_checks": checks}})
+    order = [card.index(f"### Recipe check: {c}") for c in
+             ("Folds of this recipe", "QC of this recipe")] + [card.index("## Limits"), card.index(
+                 "## Earlier recipe checks")] + [card.index(f"### Recipe check: {c}") for c in
+                                                 ("Folds [0.5.1", "Timing [0.5.1", "Old ablation [0.3.0")]
+    assert order == sorted(order)
+
+
 def test_evaluation_inference_returns_probabilities_on_the_source_grid(tiny_bundle: Path):
     from training.evaluate import predict_probabilities
 

@@ -6,6 +6,7 @@ metadata by the training run (``training``) and the evaluation run (``evaluation
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from training.labels import label_name
@@ -232,10 +233,7 @@ def _evaluation_section(evaluation: dict[str, Any]) -> list[str]:
                       + ", ".join(f"{label_name(int(k))} {v:.3f}" for k, v in cv.get("per_label_dice", {}).items()) + ".", ""]
         else:
             lines += ["Not measured for these weights yet. Run:", "", f"    {evaluation.get('how', '')}", ""]
-        for check in evaluation.get("recipe_checks", []):
-            lines += [f"### Recipe check: {check['title']}", "", check.get("text", ""), ""]
-            if check.get("rows"):
-                lines += [metric_table(check["rows"]), ""]
+        lines += _checks_lines(current_checks(evaluation))
         return lines
     lines += [evaluation.get("method", ""), ""]
     for case in evaluation.get("cases", []):
@@ -251,7 +249,35 @@ def _evaluation_section(evaluation: dict[str, Any]) -> list[str]:
             lines += ["Without post-processing (raw arg-max):", "", metric_table(case["raw_rows"]), ""]
         if case.get("figure"):
             lines += [f"Overlay (reference vs prediction, three slices): ![overlay](evaluation/{case['figure']})", ""]
-    for check in evaluation.get("recipe_checks", []):
+    lines += _checks_lines(current_checks(evaluation))
+    return lines
+
+
+# A check carried from an earlier bundle's card ends its title with "[<version> card]" (training/export.py keeps
+# them); the card shows this recipe's own checks first and the history after the limits, newest card first,
+# so a reader meets the figures that describe these weights before a hundred kilobytes of earlier ablations.
+_CARRIED = re.compile(r"\[(\d+(?:\.\d+)*) card\]$")
+
+
+def _version_key(check: dict[str, Any]) -> tuple[int, ...]:
+    match = _CARRIED.search(check["title"])
+    return tuple(int(part) for part in match.group(1).split(".")) if match else ()
+
+
+def current_checks(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
+    """The recipe checks measured for this bundle's recipe (not carried from an earlier card), in stored order."""
+    return [c for c in evaluation.get("recipe_checks", []) if not _CARRIED.search(c["title"])]
+
+
+def earlier_checks(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
+    """The checks carried from earlier cards, newest card first (stored order kept within one card)."""
+    carried = [c for c in evaluation.get("recipe_checks", []) if _CARRIED.search(c["title"])]
+    return sorted(carried, key=_version_key, reverse=True)  # sorted() is stable
+
+
+def _checks_lines(checks: list[dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
+    for check in checks:
         lines += [f"### Recipe check: {check['title']}", "", check.get("text", ""), ""]
         if check.get("rows"):
             lines += [metric_table(check["rows"]), ""]
@@ -328,4 +354,10 @@ def render_model_card(metadata: dict[str, Any]) -> str:
         "- Method: Wesselink E.O. et al., Sci Rep (2D U-Net for lumbar muscle segmentation on axial T2).",
         "",
     ]
+    history = earlier_checks(metadata.get("evaluation", {}))
+    if history:
+        lines += ["## Earlier recipe checks", "",
+                  "Measured for earlier bundles' recipes and carried for the record (each title names the card it "
+                  "came from; newest first). Their figures describe those recipes, not these weights.", ""]
+        lines += _checks_lines(history)
     return "\n".join(lines)
