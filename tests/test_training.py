@@ -506,6 +506,15 @@ def test_model_card_shows_this_recipes_checks_before_the_limits_and_earlier_card
     assert order == sorted(order)
 
 
+def test_shipped_model_card_is_the_rendering_of_its_metadata():
+    from training.export import METADATA_RELPATH, README_RELPATH
+    from training.model_card import render_model_card
+
+    bundle = Path(__file__).resolve().parents[1] / "models" / "paraspinal_t2ax"
+    metadata = json.loads((bundle / METADATA_RELPATH).read_text())
+    assert (bundle / README_RELPATH).read_text() == render_model_card(metadata)
+
+
 def test_evaluation_inference_returns_probabilities_on_the_source_grid(tiny_bundle: Path):
     from training.evaluate import predict_probabilities
 
