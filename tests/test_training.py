@@ -490,6 +490,17 @@ def test_warm_restart_records_the_run_it_continues_in_the_card(tmp_path: Path):
     assert "min for the run(s) it continues" in card
 
 
+def test_held_out_figure_weighs_each_held_out_subject_equally_whatever_its_number_of_seeds():
+    from training.compare import fold_mean_dice
+
+    def run(case: str, dice: float) -> tuple[str, dict]:
+        return case, {"cases": [{"case": case, "rows": [{"label": 1, "dice": dice}]},
+                                {"case": "synthetic_test_0", "rows": [{"label": 1, "dice": 1.0}]}]}
+
+    # fold A two seeds (0.8, 0.9 -> 0.85), fold B one (0.6): (0.85 + 0.6) / 2, not (0.8 + 0.9 + 0.6) / 3
+    assert fold_mean_dice([run("tum01", 0.8), run("tum01", 0.9), run("musclemap", 0.6)]) == {"1": 0.725}
+
+
 def test_model_card_shows_this_recipes_checks_before_the_limits_and_earlier_cards_after_newest_first():
     from training.model_card import render_model_card
 

@@ -53,17 +53,23 @@ def per_label_dice(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
 
 
 def fold_mean_dice(runs: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, float]:
-    """Per label (as text), the mean post-processed Dice over the runs' real cases that label it
-    (synthetic test phantoms are left out: the figure stands for real data)."""
-    scores: dict[str, list[float]] = {}
+    """Per label (as text), the mean post-processed Dice over the held-out real subjects that label it, each
+    subject's figure first averaged over the runs (seeds) tested on it, so a fold with more seeds does not
+    outweigh the other (synthetic test phantoms are left out: the figure stands for real data)."""
+    per_subject: dict[str, dict[str, list[float]]] = {}
     for _, report in runs:
         for case in report["cases"]:
             if str(case["case"]).startswith("synthetic"):
                 continue
             for row in case["rows"]:
                 if row["label"] > 0 and row.get("dice") is not None:
-                    scores.setdefault(str(row["label"]), []).append(float(row["dice"]))
-    return {label: round(sum(v) / len(v), 4) for label, v in sorted(scores.items(), key=lambda kv: int(kv[0]))}
+                    per_subject.setdefault(str(row["label"]), {}).setdefault(str(case["case"]), []).append(
+                        float(row["dice"]))
+    means = {}
+    for label, subjects in sorted(per_subject.items(), key=lambda kv: int(kv[0])):
+        subject_means = [sum(v) / len(v) for v in subjects.values()]
+        means[label] = round(sum(subject_means) / len(subject_means), 4)
+    return means
 
 
 def main(argv: Sequence[str] | None = None) -> int:
