@@ -501,6 +501,20 @@ def test_held_out_figure_weighs_each_held_out_subject_equally_whatever_its_numbe
     assert fold_mean_dice([run("tum01", 0.8), run("tum01", 0.9), run("musclemap", 0.6)]) == {"1": 0.725}
 
 
+def test_qc_validation_reports_each_real_held_out_case_beside_the_pooled_figure():
+    from training.qc_validation import record_groups
+
+    def rec(case: str, dice: float) -> dict:
+        return {"case": case, "dice": dice, "pred_voxels": 10, "mirror_disagreement": 1 - dice}
+
+    records = [rec("tum01", 0.7), rec("tum01", 0.9), rec("musclemap", 0.5), rec("synthetic_test_0", 0.98)]
+    groups = record_groups(records)
+    assert sorted(groups) == ["all", "real held-out", "real held-out · musclemap", "real held-out · tum01",
+                              "synthetic"]
+    assert len(groups["real held-out · tum01"]) == 2 and len(groups["real held-out"]) == 3
+    assert "real held-out · tum01" not in record_groups(records[:2] + records[3:])  # one real case: no split
+
+
 def test_model_card_shows_this_recipes_checks_before_the_limits_and_earlier_cards_after_newest_first():
     from training.model_card import render_model_card
 
