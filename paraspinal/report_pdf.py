@@ -159,7 +159,9 @@ def _page1_notes(stacks, ctx) -> str:
              "outline and numbers need particular care. QC: REVIEW when the outline is uncertain (the number, 0-1: "
              "disagreement between the model's prediction on the slice and on its mirror image) or implausible "
              "(left-right asymmetry, area outside an adult range, pieces, gaps, one side only); key images of the "
-             "most uncertain slices follow the level images."] + list(ctx.notes)
+             "most uncertain slices follow the level images. 'ok' means no check fired, not that the outline was "
+             "verified: a boundary the model draws confidently but differently from the reader (e.g. where the "
+             "multifidus ends) raises no flag."] + list(ctx.notes)
     return "\n".join(line for note in notes for line in textwrap.wrap(note, 125))
 
 
