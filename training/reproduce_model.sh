@@ -30,8 +30,9 @@ OUT=${1:-output/reproduce_${ITERS:-3000}it_bg${BG_NOISE:-2}_lsyn${LSYN:-0.5}$([ 
 BUNDLE=${BUNDLE:-models/paraspinal_t2ax}
 ITERS=${ITERS:-3000}  # the shipped 0.7.0: 3000; ITERS=1500 BG_NOISE=0 LSYN=0 gives 0.4.0's recipe
 BG_NOISE=${BG_NOISE:-2}  # % of the median intensity in tum01's masked air; 0: the 0.5.1 recipe
-LSYN=${LSYN:-0.5}  # probability of a label-synthesised training slice; 0: the 0.6.0 recipe
-VERSION=${VERSION:-$([ "$LSYN" != 0 ] && echo 0.7.0 || { [ "$BG_NOISE" = 0 ] && echo 0.5.1 || echo 0.6.0; })$([ "$ITERS" = 3000 ] || echo "+${ITERS}it")$([ "${FOV_CROP:-0}" != 0 ] && echo "+fov${FOV_CROP}")}
+LSYN=${LSYN:-0.5}  # probability of a label-synthesised training slice; 0: the 0.6.0 recipe; 0.25: the next
+# candidate (card, 'Label-driven synthesis share': fold B recovers most of 0.5's cost at equal fold A; not shipped)
+VERSION=${VERSION:-$([ "$LSYN" != 0 ] && echo 0.7.0 || { [ "$BG_NOISE" = 0 ] && echo 0.5.1 || echo 0.6.0; })$([ "$LSYN" = 0 ] || [ "$LSYN" = 0.5 ] || echo "+lsyn${LSYN}")$([ "$ITERS" = 3000 ] || echo "+${ITERS}it")$([ "${FOV_CROP:-0}" != 0 ] && echo "+fov${FOV_CROP}")}
 SEEDS=(${SEEDS:-0 1 2})
 RECIPE=(--synthetic 16 --batch-size 4 --threads 1 --checkpoint-every 100 --context-slices 1 --resume)
 # FOV_CROP=0.5 adds the clinical field-of-view crop (training.transforms.RandFieldOfViewd), a candidate
