@@ -33,7 +33,7 @@ import pytest
 from app.node.net import free_tcp_port
 from paraspinal.synthetic_study import make_synthetic_study
 from tests.dicom_validators import dciodvfy_errors
-from tests.peers import start_storescp
+from tests.peers import received_by_sop_class, start_storescp
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = os.environ.get("PARASPINAL_TEST_IMAGE", "paraspinal-node:test")
@@ -218,13 +218,17 @@ def test_serve_is_healthy_round_trips_a_study_from_the_host_and_stops_gracefully
         assert sent.returncode == 0, sent.stdout + sent.stderr
         sent_at = time.monotonic()
 
+        sizes: dict[Path, int] = {}
+
         def results():
-            found = {}
-            for path in (tmp_path / "pacs" / "received").glob("*.dcm"):
-                ds = pydicom.dcmread(path, stop_before_pixels=True)
-                if ds.StudyInstanceUID == study.study_uid:
-                    found.setdefault(str(ds.SOPClassUID), []).append(path)
-            return found if {SEG, COMPREHENSIVE_3D_SR, ENCAPSULATED_PDF} <= set(found) else None
+            # polled while storescp may still be writing: every file parsed, and each the same size as at the
+            # previous poll, before the test reads them
+            found = received_by_sop_class(tmp_path / "pacs", study.study_uid)
+            now = {path: path.stat().st_size for paths in found.values() for path in paths}
+            settled = now == sizes
+            sizes.clear()
+            sizes.update(now)
+            return found if settled and {SEG, COMPREHENSIVE_3D_SR, ENCAPSULATED_PDF} <= set(found) else None
 
         found = wait_for(results, 300, "SEG, SR and PDF at the host's storescp", interval_s=2.0)
         FIGURES["serve_last_instance_to_results_at_pacs_s (quiet period 2 s)"] = round(time.monotonic() - sent_at, 1)

@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Sequence
 
+import pydicom
 import yaml
+from pydicom.errors import InvalidDicomError
 
 from app.node.net import free_tcp_port, wait_for_echo
 
@@ -96,6 +98,22 @@ def start_storescp(workdir: Path, ae_title: str = "PACS", port: int | None = Non
         "storescp", "--aetitle", ae_title, "--output-directory", str(received), "+xa",
         "--filename-extension", ".dcm", "--verbose", str(port)], workdir)
     return _started(Peer("storescp", process, ae_title, port, workdir, log_path, handle), timeout_s)
+
+
+def received_by_sop_class(workdir: Path, study_uid: str) -> dict[str, list[Path]]:
+    """The files storescp (``start_storescp``) has filed for one study so far, by SOP Class UID. storescp
+    writes each file in place, so a poll can meet one half-written: a file that does not parse yet is
+    left for the next poll rather than failing the caller."""
+    found: dict[str, list[Path]] = {}
+    for path in (workdir / "received").glob("*.dcm"):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            study, sop_class = ds.StudyInstanceUID, str(ds.SOPClassUID)
+        except (InvalidDicomError, EOFError, OSError, AttributeError):
+            continue  # still being written
+        if study == study_uid:
+            found.setdefault(sop_class, []).append(path)
+    return found
 
 
 LUA_ROUTE_MR = """-- Auto-routing: every MR series, once stable, goes to the node, and every SEG series (a

@@ -30,7 +30,7 @@ from app.node.sender import store_files
 from app.node.state import StateStore
 from paraspinal.model_bundle import BundleError, find_bundle
 from paraspinal.synthetic_study import make_synthetic_study
-from tests.peers import HOST, start_node, start_orthanc, start_storescp, tool_available
+from tests.peers import HOST, received_by_sop_class, start_node, start_orthanc, start_storescp, tool_available
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -115,12 +115,7 @@ def echo_ok(node) -> bool:
 
 def _received(pacs, study_uid: str) -> dict[str, list[Path]]:
     """storescp's files of one study, by SOP Class UID."""
-    found: dict[str, list[Path]] = {}
-    for path in (pacs.workdir / "received").glob("*.dcm"):
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        if ds.StudyInstanceUID == study_uid:
-            found.setdefault(str(ds.SOPClassUID), []).append(path)
-    return found
+    return received_by_sop_class(pacs.workdir, study_uid)
 
 
 def test_storescu_study_comes_back_to_storescp_as_valid_seg_and_sr(peers, tmp_path):
