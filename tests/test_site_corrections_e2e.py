@@ -29,7 +29,7 @@ from app.node.state import StateStore
 from paraspinal.model_bundle import find_bundle, parse_labels, read_metadata
 from paraspinal.site_dataset import list_cases
 from paraspinal.synthetic_study import make_synthetic_study
-from tests.peers import HOST, start_node, start_storescp, tool_available
+from tests.peers import HOST, received_by_sop_class, start_node, start_storescp, tool_available
 from tests.seg_editing import description, label_of, node_seg_masks, sorted_series, write_seg
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -96,11 +96,10 @@ def _audit_events(path: Path, event: str, count: int, timeout_s: float = 60.0) -
 
 
 def _node_seg(pacs, study_uid: str) -> Path:
-    for path in (pacs.workdir / "received").glob("*.dcm"):
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        if ds.StudyInstanceUID == study_uid and ds.SOPClassUID == SEG_STORAGE:
-            return path
-    pytest.fail("the node's SEG did not reach storescp")
+    segs = received_by_sop_class(pacs.workdir, study_uid).get(SEG_STORAGE, [])
+    if not segs:
+        pytest.fail("the node's SEG did not reach storescp")
+    return segs[0]
 
 
 @pytest.fixture(scope="module")
