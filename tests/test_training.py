@@ -540,6 +540,24 @@ def test_shipped_model_card_is_the_rendering_of_its_metadata():
     assert (bundle / README_RELPATH).read_text() == render_model_card(metadata)
 
 
+def test_reproduce_model_defaults_name_and_train_the_shipped_bundle():
+    """`make model` on its defaults must reproduce the version and recipe the shipped card describes."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    script = (root / "training" / "reproduce_model.sh").read_text()
+    settings = [line for line in script.splitlines() if line.split("=")[0] in ("ITERS", "BG_NOISE", "LSYN", "VERSION")]
+    assert len(settings) == 4, settings
+    out = subprocess.run(["bash", "-c", "\n".join(settings) + '\necho "$VERSION $ITERS $BG_NOISE $LSYN"'],
+                         capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin"}).stdout.split()
+    metadata = json.loads((root / "models" / "paraspinal_t2ax" / "configs" / "metadata.json").read_text())
+    augmentation = metadata["training"]["recipe"]["augmentation"]
+    assert out[0] == metadata["version"]
+    assert int(out[1]) == metadata["training"]["iterations"]
+    assert float(out[2]) == augmentation["background_noise_pct"]
+    assert float(out[3]) == augmentation["label_synthesis_p"]
+
+
 def test_evaluation_inference_returns_probabilities_on_the_source_grid(tiny_bundle: Path):
     from training.evaluate import predict_probabilities
 
