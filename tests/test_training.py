@@ -16,7 +16,7 @@ import torch
 from monai.losses import DiceCELoss
 from scipy import ndimage
 
-from paraspinal.model_bundle import load_bundle, parse_labels
+from paraspinal.model_bundle import load_bundle, parse_labels, read_metadata
 from training.data import REAL_DATA_DIR, LoadedCase, case_slices, real_cases, site_cases, to_model_space
 from training.labels import LABELS_JSON, NUM_CLASSES, label_name
 from training.losses import MarginalDiceCELoss
@@ -550,7 +550,7 @@ def test_reproduce_model_defaults_name_and_train_the_shipped_bundle():
     assert len(settings) == 4, settings
     out = subprocess.run(["bash", "-c", "\n".join(settings) + '\necho "$VERSION $ITERS $BG_NOISE $LSYN"'],
                          capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin"}).stdout.split()
-    metadata = json.loads((root / "models" / "paraspinal_t2ax" / "configs" / "metadata.json").read_text())
+    metadata = read_metadata(root / "models" / "paraspinal_t2ax")
     augmentation = metadata["training"]["recipe"]["augmentation"]
     assert out[0] == metadata["version"]
     assert int(out[1]) == metadata["training"]["iterations"]

@@ -27,7 +27,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-OUT=${1:-output/reproduce_${ITERS:-3000}it_bg${BG_NOISE:-2}_lsyn${LSYN:-0.25}$([ "${FOV_CROP:-0}" != 0 ] && echo "_fov${FOV_CROP}")}
 BUNDLE=${BUNDLE:-models/paraspinal_t2ax}
 ITERS=${ITERS:-3000}  # the shipped 0.8.0: 3000; ITERS=1500 BG_NOISE=0 LSYN=0 gives 0.4.0's recipe
 BG_NOISE=${BG_NOISE:-2}  # % of the median intensity in tum01's masked air; 0: the 0.5.1 recipe
@@ -35,6 +34,7 @@ LSYN=${LSYN:-0.25}  # probability of a label-synthesised training slice; 0.5: th
 # (card, 'Label-driven synthesis share': 0.25 keeps most of 0.5's fold A gain and recovers most of its fold B cost)
 VERSION=${VERSION:-$(case "$LSYN" in 0) [ "$BG_NOISE" = 0 ] && echo 0.5.1 || echo 0.6.0 ;; 0.5) echo 0.7.0 ;; 0.25) echo 0.8.0 ;; *) echo "0.8.0+lsyn${LSYN}" ;; esac)$([ "$ITERS" = 3000 ] || echo "+${ITERS}it")$([ "${FOV_CROP:-0}" != 0 ] && echo "+fov${FOV_CROP}")}
 SEEDS=(${SEEDS:-0 1 2})
+OUT=${1:-output/reproduce_${ITERS}it_bg${BG_NOISE}_lsyn${LSYN}$([ "${FOV_CROP:-0}" != 0 ] && echo "_fov${FOV_CROP}")}  # named after the settings above
 RECIPE=(--synthetic 16 --batch-size 4 --threads 1 --checkpoint-every 100 --context-slices 1 --resume)
 # FOV_CROP=0.5 adds the clinical field-of-view crop (training.transforms.RandFieldOfViewd), a candidate
 # measured with one seed (model card, 'Field of view'); 0 (default) reproduces the shipped recipe.
